@@ -1,0 +1,1 @@
+"""cdat-fast: curvature-aware learning-rate tuners for Optax."""
