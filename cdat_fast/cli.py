@@ -1,0 +1,432 @@
+"""The ``cdat-fast`` command line: train, sweep, compare, plot, theory.
+
+Every error a user can cause (a bad flag value, a missing or corrupt data
+file, a run directory without its files) ends the program with one readable
+line on stderr and a non-zero exit code (2), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from cdat_fast.optimizers import BASES, SCHEDULES, TUNERS, OptimizerConfig
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+class CLIError(Exception):
+  """A user error, reported as one line."""
+
+
+def _positive_int(text: str) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+  return v
+
+
+def _float(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+  if math.isnan(v):
+    raise argparse.ArgumentTypeError("expected a number, got nan")
+  return v
+
+
+def _float_list(text: str) -> list[float]:
+  return [_float(t) for t in text.split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int | None]:
+  out = []
+  for t in text.split(","):
+    t = t.strip()
+    if t in ("full", "none", "None"):
+      out.append(None)
+    elif t:
+      out.append(_positive_int(t))
+  return out
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("data and model")
+  g.add_argument("--dataset", default="digits",
+                 help="digits | fashion-mnist | mnist | cifar10 | text")
+  g.add_argument("--data-dir", default=None,
+                 help="folder of the data files (text: the file itself)")
+  g.add_argument("--subset", type=_positive_int, default=None,
+                 help="number of training examples kept (seeded)")
+  g.add_argument("--model", default="mlp",
+                 help="mlp, resnet, resnet-ln, mixer, nanolm, vit, ...")
+  g.add_argument("--width", type=_positive_int, default=256, help="MLP width")
+  g.add_argument("--depth", type=_positive_int, default=2,
+                 help="MLP hidden layers")
+  g.add_argument("--loss", default=None, choices=("squared", "cross_entropy"),
+                 help="default: squared for images, cross_entropy for text")
+  g.add_argument("--weight-decay", type=_float, default=1e-5)
+  g = p.add_argument_group("training")
+  g.add_argument("--steps", type=_positive_int, default=300)
+  g.add_argument("--batch-size", type=_positive_int, default=None,
+                 help="minibatch size (default: full batch)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--log-every", type=_positive_int, default=25)
+  g.add_argument("--sharpness-every", type=int, default=0,
+                 help="measure λ_max every N steps (0: never)")
+  g.add_argument("--sharpness-iters", type=_positive_int, default=100)
+  g.add_argument("--track-alignment", action="store_true",
+                 help="cosine of successive updates, alignment with the top"
+                 " eigenvector")
+  g = p.add_argument_group("optimizer")
+  g.add_argument("--base", default="gd", choices=BASES)
+  g.add_argument("--tuner", default="cdat", choices=TUNERS)
+  g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=_float,
+                 default=0.1, help="constant/scheduled lr; hypergradient η₀")
+  g.add_argument("--schedule", default="constant", choices=SCHEDULES)
+  g.add_argument("--warmup-fraction", type=_float, default=0.1)
+  g.add_argument("--horizon-fraction", type=_float, default=1.0)
+  g.add_argument("--scale", type=_float, default=2.0, help="CDAT σ")
+  g.add_argument("--ema", type=_float, default=0.0, help="CDAT β")
+  g.add_argument("--eps", type=_float, default=0.0, help="CDAT ε")
+  g.add_argument("--curvature", default="exact",
+                 help="CDAT curvature estimate: exact (default) or a cheap mode")
+  g.add_argument("--every", type=_positive_int, default=1,
+                 help="CDAT: refresh the curvature every k steps")
+  g.add_argument("--curvature-batch", type=_positive_int, default=None,
+                 help="CDAT: curvature on the first k examples of the batch")
+  g.add_argument("--ls-c", type=_float, default=1e-4)
+  g.add_argument("--ls-relative-decrease", type=_float, default=0.0)
+  g.add_argument("--ls-increase-factor", type=_float, default=math.inf)
+  g.add_argument("--ls-decrease-factor", type=_float, default=0.8)
+  g.add_argument("--ls-max-steps", type=_positive_int, default=100)
+  g.add_argument("--polyak-max-lr", type=_float, default=1.0)
+  g.add_argument("--hyper-beta", type=_float, default=1e-2)
+
+
+def _configs_from_args(args) -> "TrainConfig":
+  from cdat_fast.train import TrainConfig
+  opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+  opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
+  loss = args.loss or ("cross_entropy" if args.dataset == "text" else "squared")
+  cfg = TrainConfig(
+      dataset=args.dataset, data_dir=args.data_dir, subset=args.subset,
+      model=args.model, width=args.width, depth=args.depth, loss=loss,
+      weight_decay=args.weight_decay, steps=args.steps,
+      batch_size=args.batch_size, curvature_batch=args.curvature_batch,
+      seed=args.seed, log_every=args.log_every,
+      sharpness_every=args.sharpness_every,
+      sharpness_iters=args.sharpness_iters,
+      track_alignment=args.track_alignment, optimizer=opt)
+  cfg.validate()
+  return cfg
+
+
+def _describe(cfg) -> str:
+  o = cfg.optimizer
+  if o.tuner == "constant":
+    how = f"lr {o.learning_rate:g} ({o.schedule})"
+  elif o.tuner == "cdat":
+    how = f"CDAT σ={o.scale:g} β={o.ema:g}"
+  else:
+    how = o.tuner
+  batch = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
+  return f"{cfg.model} on {cfg.dataset}, {batch}, {o.base} + {how}"
+
+
+# -- train --------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+  from cdat_fast.train import Trainer
+  cfg = _configs_from_args(args)
+  trainer = Trainer(cfg)
+  print(f"cdat-fast train: {_describe(cfg)}, {cfg.steps} steps")
+  result = trainer.run(args.out, progress=not args.quiet,
+                       echo=None if args.quiet else print)
+  s = result.summary
+  line = (f"final loss {s['final_loss']:.6g} (mean of the last 5),"
+          f" final lr {s['final_learning_rate']:.4g}, {s['seconds']:.1f}s")
+  if "test_accuracy" in s:
+    line += f", test accuracy {s['test_accuracy']:.3f}"
+  print(line)
+  if args.out:
+    print(f"wrote {args.out}/ (metrics.jsonl, summary.json, training.png)")
+  if s["status"] != "ok":
+    print(f"cdat-fast: diverged: {s['message']}", file=sys.stderr)
+    return EXIT_DIVERGED
+  return 0
+
+
+# -- sweep --------------------------------------------------------------------
+
+def select_best(rows: list[dict[str, Any]], axes: dict[str, list]
+                ) -> tuple[dict[str, Any], list[str]]:
+  """The row with the lowest final loss, and the axes on whose edge it sits.
+
+  ``final_loss`` is the mean train loss over the last 5 iterates (paper
+  appendix C.3); diverged runs count as ``inf``. An axis with more than one
+  value whose best value is its smallest or largest is reported, since the
+  optimum may lie outside the grid.
+  """
+  if not rows:
+    raise ValueError("select_best: no runs")
+  finite = [r for r in rows if math.isfinite(r["final_loss"])]
+  if not finite:
+    raise ValueError("every run of the sweep diverged")
+  best = min(finite, key=lambda r: r["final_loss"])
+  edges = []
+  for name, values in axes.items():
+    vals = sorted(v for v in values if v is not None)
+    if len(vals) > 1 and best[name] is not None and best[name] in (vals[0],
+                                                                   vals[-1]):
+      edges.append(name)
+  return best, edges
+
+
+def _lr_grid(args) -> list[float]:
+  lo, hi = args.lr_exponents
+  if lo > hi:
+    raise CLIError(f"--lr-exponents: {lo} > {hi}")
+  return [args.learning_rate * 2.0 ** i for i in range(lo, hi + 1)]
+
+
+def cmd_sweep(args) -> int:
+  from cdat_fast.train import Trainer
+  base_cfg = _configs_from_args(args)
+  axes: dict[str, list] = {
+      "learning_rate": _lr_grid(args) if args.tuner in (
+          "constant", "hypergradient") else [args.learning_rate],
+      "scale": args.scales or [args.scale],
+      "ema": args.emas or [args.ema],
+      "batch_size": args.batch_sizes or [args.batch_size],
+  }
+  for e in axes["ema"]:
+    if not 0 <= e < 1:
+      raise CLIError(f"--emas: ema must be in [0, 1), got {e}")
+  out = Path(args.out) if args.out else None
+  rows = []
+  dataset = None
+  names = list(axes)
+  for values in itertools.product(*axes.values()):
+    point = dict(zip(names, values))
+    opt = dataclasses.replace(base_cfg.optimizer,
+                              learning_rate=point["learning_rate"],
+                              scale=point["scale"], ema=point["ema"])
+    cfg = dataclasses.replace(base_cfg, optimizer=opt,
+                              batch_size=point["batch_size"])
+    tag = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in point.items() if len(axes[k]) > 1) or "run"
+    trainer = Trainer(cfg, dataset=dataset)
+    dataset = trainer.dataset
+    result = trainer.run(out / tag if out else None, progress=False, echo=None)
+    row = {**point, "final_loss": result.summary["final_loss"],
+           "status": result.summary["status"], "dir": tag}
+    rows.append(row)
+    print(_format_row(row, names), flush=True)
+  best, edges = select_best(rows, axes)
+  print(f"best: {_format_row(best, names)}")
+  for name in edges:
+    print(f"warning: the best {name} ({best[name]:g}) is on the edge of the"
+          " grid; widen the grid", file=sys.stderr)
+  if out:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(
+        {"rows": rows, "best": best, "edges": edges}, indent=2,
+        default=str) + "\n")
+    _plot_sweep(rows, axes, out / "sweep.png")
+    print(f"wrote {out}/sweep.json and sweep.png")
+  return 0
+
+
+def _format_row(row, names) -> str:
+  parts = []
+  for k in names:
+    v = row[k]
+    parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+  loss = row["final_loss"]
+  parts.append(f"final_loss={loss:.5g}" if math.isfinite(loss)
+               else "final_loss=diverged")
+  return "  ".join(parts)
+
+
+def _plot_sweep(rows, axes, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  x_axis = max(axes, key=lambda k: len(axes[k]))
+  others = [k for k in axes if k != x_axis and len(axes[k]) > 1]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  groups: dict[tuple, list] = {}
+  for r in rows:
+    groups.setdefault(tuple(r[k] for k in others), []).append(r)
+  for key, rs in groups.items():
+    rs = sorted(rs, key=lambda r: (r[x_axis] is None, r[x_axis] or 0))
+    xs = [r[x_axis] if r[x_axis] is not None else float("nan") for r in rs]
+    ys = [r["final_loss"] if math.isfinite(r["final_loss"]) else float("nan")
+          for r in rs]
+    label = ", ".join(f"{k}={v}" for k, v in zip(others, key)) or None
+    ax.plot(xs, ys, marker="o", label=label)
+  ax.set(xlabel=x_axis, ylabel="final train loss", yscale="log")
+  if x_axis == "learning_rate":
+    ax.set_xscale("log", base=2)
+  if others:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+# -- compare ------------------------------------------------------------------
+
+def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
+  """The paper's Fig. 1/5 line-up on one setting."""
+  v = [("linesearch", dict(tuner="linesearch")),
+       ("quadratic_greedy", dict(tuner="quadratic_greedy")),
+       ("cdat_2", dict(tuner="cdat", scale=2.0)),
+       ("cdat_2.0625", dict(tuner="cdat", scale=2.0625)),
+       ("cdat_2.5", dict(tuner="cdat", scale=2.5)),
+       ("polyak", dict(tuner="polyak", polyak_max_lr=100.0)),
+       ("hypergradient", dict(tuner="hypergradient",
+                              learning_rate=args.learning_rate))]
+  return v
+
+
+def cmd_compare(args) -> int:
+  from cdat_fast.plots import plot_runs
+  from cdat_fast.train import Trainer
+  base_cfg = _configs_from_args(args)
+  out = Path(args.out) if args.out else Path("runs/compare")
+  dataset = None
+  results = []
+
+  def run(name, cfg):
+    nonlocal dataset
+    trainer = Trainer(cfg, dataset=dataset)
+    dataset = trainer.dataset
+    r = trainer.run(out / name, progress=False, echo=None)
+    results.append((name, cfg, r.summary))
+    return r.summary
+
+  # Tuned constant learning rate on a log2 grid around --lr.
+  best_const = None
+  for lr in _lr_grid(args):
+    opt = dataclasses.replace(base_cfg.optimizer, tuner="constant",
+                              learning_rate=lr, schedule="constant")
+    s = run(f"constant_lr={lr:g}", dataclasses.replace(base_cfg, optimizer=opt))
+    if math.isfinite(s["final_loss"]) and (
+        best_const is None or s["final_loss"] < best_const[1]):
+      best_const = (lr, s["final_loss"])
+  for name, kw in compare_variants(args):
+    opt = dataclasses.replace(base_cfg.optimizer, **kw)
+    run(name, dataclasses.replace(base_cfg, optimizer=opt))
+  print(f"{'variant':<24} {'final loss':>12} {'final lr':>10} {'time s':>8}")
+  shown = []
+  for name, cfg, s in results:
+    if name.startswith("constant_") and (
+        best_const is None or cfg.optimizer.learning_rate != best_const[0]):
+      continue
+    label = f"constant (best lr {best_const[0]:g})" if name.startswith(
+        "constant_") else name
+    loss = (f"{s['final_loss']:.5g}" if math.isfinite(s["final_loss"])
+            else "diverged")
+    lr = s["final_learning_rate"]
+    print(f"{label:<24} {loss:>12} {lr if lr is None else f'{lr:.4g}':>10}"
+          f" {s['seconds']:>8.1f}")
+    shown.append((out / name, label))
+  plot_runs([d for d, _ in shown], out / "compare.png",
+            labels=[lbl for _, lbl in shown])
+  (out / "compare.json").write_text(json.dumps(
+      [{"name": n, "summary": s} for n, _, s in results], indent=2,
+      default=str) + "\n")
+  print(f"wrote {out}/compare.png and compare.json")
+  return 0
+
+
+# -- plot, theory ---------------------------------------------------------------
+
+def cmd_plot(args) -> int:
+  from cdat_fast.plots import plot_runs
+  out = plot_runs(args.run_dirs, args.out)
+  print(f"wrote {out}")
+  return 0
+
+
+def cmd_theory(args) -> int:
+  from cdat_fast.theory import theory_figures
+  for path in theory_figures(args.out):
+    print(f"wrote {path}")
+  return 0
+
+
+# -- entry point ----------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="cdat-fast",
+      description="Curvature-aware learning-rate tuning (CDAT) and baselines.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("train", help="train one model (the main job)")
+  _add_run_args(p)
+  p.add_argument("--out", default=None, help="run directory to write")
+  p.add_argument("--quiet", action="store_true")
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("sweep", help="grid over lr (log2), scale, ema, batch size")
+  _add_run_args(p)
+  p.add_argument("--lr-exponents", type=int, nargs=2, default=(-2, 4),
+                 metavar=("LO", "HI"), help="lr grid: --lr × 2^i, LO ≤ i ≤ HI")
+  p.add_argument("--scales", type=_float_list, default=None)
+  p.add_argument("--emas", type=_float_list, default=None)
+  p.add_argument("--batch-sizes", type=_int_list, default=None,
+                 help="comma-separated; 'full' for full batch")
+  p.add_argument("--out", default=None)
+  p.set_defaults(func=cmd_sweep)
+
+  p = sub.add_parser("compare", help="tuned constant vs the tuners (Fig. 1/5)")
+  _add_run_args(p)
+  p.add_argument("--lr-exponents", type=int, nargs=2, default=(-2, 4),
+                 metavar=("LO", "HI"))
+  p.add_argument("--out", default=None)
+  p.set_defaults(func=cmd_compare)
+
+  p = sub.add_parser("plot", help="plot run directories")
+  p.add_argument("run_dirs", nargs="+")
+  p.add_argument("--out", default="runs.png")
+  p.set_defaults(func=cmd_plot)
+
+  p = sub.add_parser("theory", help="figures of the paper's section 4 models")
+  p.add_argument("--out", default="theory")
+  p.set_defaults(func=cmd_theory)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  from cdat_fast.data import DataError
+  from cdat_fast.plots import RunFilesError
+  try:
+    return args.func(args)
+  except (DataError, RunFilesError, CLIError) as e:
+    print(f"cdat-fast: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except (ValueError, TypeError) as e:
+    print(f"cdat-fast: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print("cdat-fast: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,79 @@
+"""Plots of training runs: loss, learning rate, sharpness and η·λ_max.
+
+Reads the files :mod:`cdat_fast.train` writes (``history.npz`` for per-step
+loss and learning rate, ``metrics.jsonl`` for sharpness) and draws the four
+panels of the paper's Fig. 3/5/6 with matplotlib's Agg backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class RunFilesError(ValueError):
+  """A run directory lacks the files a plot needs."""
+
+
+def read_run(run_dir: str | os.PathLike) -> dict:
+  """Loads a run directory's history, metrics and config."""
+  d = Path(run_dir)
+  hist_path, metrics_path = d / "history.npz", d / "metrics.jsonl"
+  if not hist_path.is_file() or not metrics_path.is_file():
+    raise RunFilesError(
+        f"{d}: not a run directory (needs history.npz and metrics.jsonl)")
+  try:
+    with np.load(hist_path) as h:
+      history = {k: h[k] for k in h.files}
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()
+               if line.strip()]
+  except (OSError, ValueError) as e:
+    raise RunFilesError(f"{d}: unreadable run files: {e}") from e
+  config = {}
+  if (d / "config.json").is_file():
+    config = json.loads((d / "config.json").read_text())
+  return {"history": history, "records": records, "config": config,
+          "name": d.name}
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+              labels: Sequence[str] | None = None) -> Path:
+  """Draws loss, learning rate, sharpness and η·λ for runs side by side."""
+  runs = [read_run(d) for d in run_dirs]
+  labels = list(labels) if labels is not None else [r["name"] for r in runs]
+  fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+  for run, label in zip(runs, labels):
+    h, recs = run["history"], run["records"]
+    steps = np.arange(1, len(h.get("loss", [])) + 1)
+    if "loss" in h:
+      axes[0].plot(steps, h["loss"], label=label, lw=1)
+    if "learning_rate" in h:
+      axes[1].plot(steps, h["learning_rate"], label=label, lw=1)
+    sharp = [(r["step"], r["sharpness"], r.get("eta_sharpness"))
+             for r in recs if r.get("sharpness") is not None]
+    if sharp:
+      s, lam, el = zip(*sharp)
+      axes[2].plot(s, lam, marker=".", label=label)
+      axes[3].plot(s, [np.nan if e is None else e for e in el], marker=".",
+                   label=label)
+  axes[0].set(title="train loss", xlabel="step", yscale="log")
+  axes[1].set(title="learning rate", xlabel="step", yscale="log")
+  axes[2].set(title="sharpness λ_max", xlabel="step")
+  axes[3].set(title="η·λ_max", xlabel="step")
+  axes[3].axhline(2.0, color="k", ls="--", lw=0.8)
+  for ax in axes:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=90)
+  plt.close(fig)
+  return out

@@ -1,0 +1,359 @@
+"""Training harness: jitted, chunked training runs with the paper's metrics.
+
+A run trains a model from :mod:`cdat_fast.models` on a data set from
+:mod:`cdat_fast.data` with an optimizer from :mod:`cdat_fast.optimizers`. Steps
+run inside ``jax.lax.scan`` over chunks of ``log_every`` steps, so the host
+only wakes up to log. Every step records the loss, the learning rate, the
+gradient norm and (for CDAT) the numerator and denominator; every
+``sharpness_every`` steps the (preconditioned, for RMSProp/Adam) sharpness
+``λ_max`` and ``η·λ_max`` (2 is the edge of stability) are measured by power
+iteration, warm-started from the previous eigenvector.
+
+Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` (one line per log
+point), ``history.npz`` (per-step loss and learning rate), ``summary.json``
+(final loss = mean train loss over the last 5 iterates, as in the paper's
+appendix C.3) and ``training.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cdat_fast import checks
+from cdat_fast.curvature import preconditioner_from_state, sharpness
+from cdat_fast.data import Dataset, batches, load_dataset
+from cdat_fast.losses import accuracy, make_loss_fn
+from cdat_fast.models import get_model, init_params
+from cdat_fast.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
+from cdat_fast.tuned import TunedState
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training run. Defaults are the README's first command."""
+  dataset: str = "digits"
+  data_dir: str | None = None
+  subset: int | None = None
+  model: str = "mlp"
+  width: int = 256  # MLP hidden width
+  depth: int = 2  # MLP hidden layers
+  loss: str = "squared"
+  weight_decay: float = 1e-5
+  steps: int = 300
+  batch_size: int | None = None  # None: full batch
+  curvature_batch: int | None = None  # CDAT's curvature on the first k examples
+  seed: int = 0
+  log_every: int = 25
+  sharpness_every: int = 0  # 0: never
+  sharpness_iters: int = 100
+  track_alignment: bool = False
+  divergence_factor: float = 1e3  # stop when loss > factor × initial loss
+  optimizer: OptimizerConfig = OptimizerConfig()
+
+  def validate(self) -> None:
+    for name in ("steps", "log_every", "width", "depth", "sharpness_iters"):
+      checks.check_int(name, getattr(self, name), low=1)
+    checks.check_int("sharpness_every", self.sharpness_every, low=0)
+    checks.check_int("seed", self.seed, low=0)
+    for name in ("batch_size", "curvature_batch", "subset"):
+      if getattr(self, name) is not None:
+        checks.check_int(name, getattr(self, name), low=1)
+    checks.check_range("weight_decay", self.weight_decay, low=0.0)
+    checks.check_range("divergence_factor", self.divergence_factor, low=1.0,
+                       allow_inf=True)
+    checks.check_choice("loss", self.loss, ("squared", "cross_entropy"))
+    if self.curvature_batch is not None and self.optimizer.tuner not in (
+        "cdat", "quadratic_greedy"):
+      raise ValueError("curvature_batch applies to the cdat and"
+                       f" quadratic_greedy tuners, not {self.optimizer.tuner!r}")
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a run returns: the summary, the log points and per-step arrays."""
+  summary: dict[str, Any]
+  records: list[dict[str, Any]]
+  history: dict[str, np.ndarray]
+  params: Any = None
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+  d = dict(d)
+  opt = OptimizerConfig(**d.pop("optimizer", {}))
+  return TrainConfig(**d, optimizer=opt)
+
+
+def build_model(cfg: TrainConfig, dataset: Dataset):
+  overrides = {}
+  if cfg.model == "mlp":
+    overrides["features"] = (cfg.width,) * cfg.depth
+  return get_model(cfg.model, dataset.num_classes, **overrides)
+
+
+def _batch_stream(dataset: Dataset, cfg: TrainConfig
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  epoch = 0
+  while True:
+    any_batch = False
+    for b in batches(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                     drop_remainder=True):
+      any_batch = True
+      yield b
+    if not any_batch:
+      raise ValueError(
+          f"batch_size={cfg.batch_size} exceeds the {len(dataset.x_train)}"
+          " training examples")
+    epoch += 1
+
+
+def _first(batch, k):
+  return jax.tree.map(lambda x: x[:k], batch)
+
+
+def _base_state(state):
+  if isinstance(state, TunedState):
+    return state.base
+  return state[0]
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+class Trainer:
+  """Holds the compiled pieces of a run; :meth:`run` executes it."""
+
+  def __init__(self, cfg: TrainConfig, dataset: Dataset | None = None):
+    cfg.validate()
+    self.cfg = cfg
+    self.dataset = dataset if dataset is not None else load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed)
+    ds = self.dataset
+    if cfg.loss == "squared" and ds.kind == "text":
+      raise ValueError("loss: use cross_entropy for text data")
+    self.model = build_model(cfg, ds)
+    self.loss_fn = make_loss_fn(self.model, cfg.loss, cfg.weight_decay)
+    self.optimizer, self.schedule = build_optimizer(cfg.optimizer, cfg.steps)
+    k = cfg.curvature_batch
+    loss_fn = self.loss_fn
+    self.curvature_fn = (loss_fn if k is None else
+                         (lambda p, batch: loss_fn(p, _first(batch, k))))
+    self._chunk = jax.jit(self._chunk_impl, static_argnames=("length",),
+                          donate_argnums=(0,))
+    self._sharpness = jax.jit(self._sharpness_impl)
+    self._eval = jax.jit(self._eval_impl)
+
+  # -- compiled pieces -------------------------------------------------------
+
+  def _learning_rate(self, state, step):
+    lr = optax.tree.get(state, "learning_rate", default=None)
+    if lr is None:
+      return jnp.asarray(self.schedule(step), jnp.float32)
+    return jnp.asarray(lr, jnp.float32)
+
+  def _step(self, carry, batch):
+    params, state, prev_u, step = carry
+    value, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+    updates, state = self.optimizer.update(
+        grads, state, params, value_fn=self.curvature_fn, value=value,
+        batch=batch)
+    metrics = {
+        "loss": value.astype(jnp.float32),
+        "learning_rate": self._learning_rate(state, step),
+        "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+    }
+    for name in ("numerator", "denominator"):
+      v = optax.tree.get(state, name, default=None)
+      if v is not None:
+        metrics[name] = jnp.asarray(v, jnp.float32)
+    if self.cfg.track_alignment:
+      norms = optax.tree.norm(updates) * optax.tree.norm(prev_u)
+      metrics["update_cosine"] = jnp.where(
+          norms > 0, optax.tree.vdot(updates, prev_u) / jnp.where(
+              norms > 0, norms, 1.0), 0.0).astype(jnp.float32)
+      prev_u = updates
+    params = optax.apply_updates(params, updates)
+    return (params, state, prev_u, step + 1), metrics
+
+  def _chunk_impl(self, carry, batch, *, length):
+    if self.cfg.batch_size is None:
+      return jax.lax.scan(lambda c, _: self._step(c, batch), carry, None,
+                          length=length)
+    return jax.lax.scan(self._step, carry, batch, length=length)
+
+  def _sharpness_impl(self, params, state, batch, init):
+    fn = lambda p: self.loss_fn(p, batch)
+    precond = None
+    if self.cfg.optimizer.base in ADAPTIVE:
+      b2 = 0.999 if self.cfg.optimizer.base == "adam" else None
+      precond = preconditioner_from_state(_base_state(state), b2=b2)
+    return sharpness(fn, params, preconditioner=precond,
+                     num_iters=self.cfg.sharpness_iters, rtol=1e-3, init=init)
+
+  def _eval_impl(self, params, batch):
+    logits = self.model.apply({"params": params}, batch["x"])
+    return accuracy(logits, batch["y"])
+
+  # -- the run ---------------------------------------------------------------
+
+  def init(self):
+    cfg, ds = self.cfg, self.dataset
+    key = jax.random.PRNGKey(cfg.seed)
+    params = init_params(self.model, key, jnp.asarray(ds.x_train[:1]))
+    state = self.optimizer.init(params)
+    prev_u = optax.tree.zeros_like(params) if cfg.track_alignment else ()
+    carry = (params, state, prev_u, jnp.zeros([], jnp.int32))
+    # Fresh buffers: the carry is donated, and init may share constants.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), carry)
+
+  def run(self, out_dir: str | os.PathLike | None = None, *,
+          progress: bool = True, echo: Callable[[str], None] | None = print
+          ) -> RunResult:
+    cfg, ds = self.cfg, self.dataset
+    carry = self.init()
+    stream = _batch_stream(ds, cfg) if cfg.batch_size is not None else None
+    full = jax.tree.map(jnp.asarray, {"x": ds.x_train, "y": ds.y_train})
+    probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
+    test = None
+    if ds.x_test is not None and len(ds.x_test):
+      test = jax.tree.map(jnp.asarray, {"x": ds.x_test, "y": ds.y_test})
+    writer = _Writer(out_dir, cfg)
+    history: dict[str, list[np.ndarray]] = {}
+    records: list[dict[str, Any]] = []
+    eigvec = None
+    status, message, initial_loss = "ok", "", None
+    done = 0
+    t0 = time.perf_counter()
+    progress = progress and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, disable=not progress, delay=3.0, leave=False,
+               unit="step")
+    try:
+      while done < cfg.steps:
+        length = min(cfg.log_every, cfg.steps - done)
+        if stream is None:
+          batch = full
+        else:
+          chunk = [next(stream) for _ in range(length)]
+          batch = {k: jnp.asarray(np.stack([b[k] for b in chunk]))
+                   for k in ("x", "y")}
+        carry, metrics = self._chunk(carry, batch, length=length)
+        metrics = jax.device_get(metrics)
+        for k, v in metrics.items():
+          history.setdefault(k, []).append(np.asarray(v))
+        done += length
+        bar.update(length)
+        losses = metrics["loss"]
+        if initial_loss is None:
+          initial_loss = float(losses[0])
+        record = {"step": done}
+        record.update({k: float(v[-1]) for k, v in metrics.items()})
+        if test is not None:
+          record["test_accuracy"] = float(self._eval(carry[0], test))
+        if cfg.sharpness_every and (done // cfg.sharpness_every >
+                                    (done - length) // cfg.sharpness_every
+                                    or done == length):
+          lam, eigvec = self._sharpness(carry[0], carry[1], probe, eigvec)
+          record["sharpness"] = float(lam)
+          record["eta_sharpness"] = record["learning_rate"] * float(lam)
+          if cfg.track_alignment:
+            u = carry[2]
+            nu = float(optax.tree.norm(u))
+            record["alignment"] = (abs(float(optax.tree.vdot(u, eigvec))) / nu
+                                   if nu > 0 else 0.0)
+        records.append(record)
+        writer.record(record)
+        if echo is not None:
+          line = (f"step {done:>{len(str(cfg.steps))}}/{cfg.steps}"
+                  f"  loss {record['loss']:.5g}  lr {record['learning_rate']:.4g}")
+          if "test_accuracy" in record:
+            line += f"  test acc {record['test_accuracy']:.3f}"
+          if "eta_sharpness" in record:
+            line += f"  η·λ {record['eta_sharpness']:.3f}"
+          bar.write(line) if progress else echo(line)
+        bad = ~np.isfinite(losses)
+        if bad.any():
+          status = "diverged"
+          first = done - length + int(np.argmax(bad))
+          message = f"loss is not finite at step {first}"
+          break
+        if np.max(losses) > cfg.divergence_factor * max(initial_loss, 1e-30):
+          status = "diverged"
+          message = (f"loss {float(np.max(losses)):.4g} exceeds"
+                     f" {cfg.divergence_factor:g}× the initial loss"
+                     f" {initial_loss:.4g}")
+          break
+    finally:
+      bar.close()
+    seconds = time.perf_counter() - t0
+    hist = {k: np.concatenate(v) for k, v in history.items()}
+    losses = hist.get("loss", np.zeros(0))
+    tail = losses[-5:]
+    final = float(np.mean(tail)) if len(tail) and np.all(
+        np.isfinite(tail)) else math.inf
+    summary = {
+        "status": status,
+        "message": message,
+        "steps": int(done),
+        "final_loss": final,
+        "initial_loss": initial_loss,
+        "final_learning_rate": float(hist["learning_rate"][-1]) if done else None,
+        "seconds": seconds,
+        "num_skipped": int(optax.tree.get(carry[1], "num_skipped", default=0)),
+    }
+    if records and "test_accuracy" in records[-1]:
+      summary["test_accuracy"] = records[-1]["test_accuracy"]
+    writer.finish(summary, hist, records)
+    return RunResult(summary, records, hist, carry[0])
+
+
+class _Writer:
+  """Writes a run's files; nothing is written without an ``out_dir``."""
+
+  def __init__(self, out_dir, cfg):
+    self.dir = None if out_dir is None else Path(out_dir)
+    self.cfg = cfg
+    self._metrics = None
+    if self.dir is not None:
+      self.dir.mkdir(parents=True, exist_ok=True)
+      (self.dir / "config.json").write_text(
+          json.dumps(config_to_dict(cfg), indent=2, default=str) + "\n")
+      self._metrics = open(self.dir / "metrics.jsonl", "w")
+
+  def record(self, record):
+    if self._metrics is not None:
+      self._metrics.write(json.dumps(
+          {k: _json_safe(v) for k, v in record.items()}) + "\n")
+      self._metrics.flush()
+
+  def finish(self, summary, history, records):
+    if self.dir is None:
+      return
+    self._metrics.close()
+    np.savez(self.dir / "history.npz", **history)
+    (self.dir / "summary.json").write_text(json.dumps(
+        {k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+    from cdat_fast.plots import plot_runs
+    plot_runs([self.dir], self.dir / "training.png")
+
+
+def train(cfg: TrainConfig, out_dir=None, **kwargs) -> RunResult:
+  """Builds a :class:`Trainer` for ``cfg`` and runs it."""
+  return Trainer(cfg).run(out_dir, **kwargs)
