@@ -1,0 +1,90 @@
+"""The cdat-fast command line: smoke runs, the sweep's selection rule, errors."""
+import json
+import math
+
+import pytest
+
+from cdat_fast.cli import main, select_best
+
+
+def test_train_smoke_writes_metrics_and_plot(tmp_path, capsys):
+  out = tmp_path / "run"
+  rc = main(["train", "--subset", "64", "--width", "8", "--depth", "1",
+             "--steps", "6", "--log-every", "3", "--out", str(out), "--quiet"])
+  assert rc == 0
+  assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+  assert (out / "training.png").stat().st_size > 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["status"] == "ok" and summary["steps"] == 6
+  assert "final loss" in capsys.readouterr().out
+
+
+def test_plot_command(tmp_path):
+  out = tmp_path / "run"
+  assert main(["train", "--subset", "64", "--width", "8", "--depth", "1",
+               "--steps", "2", "--log-every", "2", "--out", str(out),
+               "--quiet"]) == 0
+  assert main(["plot", str(out), str(out), "--out",
+               str(tmp_path / "p.png")]) == 0
+  assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"],
+     "/nonexistent/cifar"),
+    (["train", "--dataset", "imagenet"], "imagenet"),
+    (["train", "--ema", "1.5"], "ema"),
+    (["train", "--scale", "-1"], "scale"),
+    (["train", "--model", "gpt5"], "gpt5"),
+    (["plot", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
+  rc = main(argv)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2
+  assert len(err.splitlines()) == 1 and needle in err
+  assert "Traceback" not in err
+
+
+def test_corrupt_idx_file_exits_2(tmp_path, capsys):
+  (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03junk")
+  (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00")
+  rc = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert rc == 2 and "idx" in err and "Traceback" not in err
+
+
+def test_argparse_errors_exit_2():
+  with pytest.raises(SystemExit) as e:
+    main(["train", "--steps", "zero"])
+  assert e.value.code == 2
+
+
+def _row(lr, loss, scale=2.0):
+  return {"learning_rate": lr, "scale": scale, "final_loss": loss}
+
+
+def test_select_best_picks_lowest_final_loss_and_flags_edges():
+  axes = {"learning_rate": [0.1, 0.2, 0.4], "scale": [2.0]}
+  rows = [_row(0.1, 0.5), _row(0.2, 0.1), _row(0.4, math.inf)]
+  best, edges = select_best(rows, axes)
+  assert best["learning_rate"] == 0.2 and edges == []
+  rows = [_row(0.1, 0.05), _row(0.2, 0.1), _row(0.4, 0.2)]
+  best, edges = select_best(rows, axes)
+  assert best["learning_rate"] == 0.1 and edges == ["learning_rate"]
+  with pytest.raises(ValueError, match="diverged"):
+    select_best([_row(0.1, math.inf)], axes)
+
+
+def test_sweep_runs_grid_and_warns_on_edge(tmp_path, capsys):
+  rc = main(["sweep", "--subset", "64", "--width", "8", "--depth", "1",
+             "--steps", "4", "--log-every", "4", "--tuner", "constant",
+             "--lr", "0.01", "--lr-exponents", "0", "1", "--out",
+             str(tmp_path)])
+  assert rc == 0
+  data = json.loads((tmp_path / "sweep.json").read_text())
+  assert len(data["rows"]) == 2
+  # Tiny learning rates on a short run: the larger one wins, on the edge.
+  assert data["best"]["learning_rate"] == pytest.approx(0.02)
+  assert "edge" in capsys.readouterr().err
+  assert (tmp_path / "sweep.png").stat().st_size > 0

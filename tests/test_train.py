@@ -1,0 +1,114 @@
+"""The training harness on tiny settings."""
+import json
+
+import numpy as np
+import optax
+import pytest
+
+from cdat_fast.optimizers import OptimizerConfig, build_optimizer, schedule
+from cdat_fast.train import TrainConfig, Trainer, config_from_dict, config_to_dict
+
+TINY = dict(dataset="digits", subset=128, width=16, depth=1, steps=12,
+            log_every=4)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  from cdat_fast.data import load_dataset
+  return load_dataset("digits", subset=128, seed=0)
+
+
+def test_full_batch_cdat_run_writes_files(tmp_path, digits):
+  cfg = TrainConfig(**TINY, sharpness_every=8, track_alignment=True)
+  result = Trainer(cfg, dataset=digits).run(tmp_path, progress=False, echo=None)
+  s = result.summary
+  assert s["status"] == "ok" and s["steps"] == 12
+  assert len(result.history["loss"]) == 12
+  np.testing.assert_allclose(s["final_loss"],
+                             np.mean(result.history["loss"][-5:]), rtol=1e-6)
+  assert s["final_loss"] < s["initial_loss"]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(l) for l in lines]
+  assert [r["step"] for r in records] == [4, 8, 12]
+  # Sharpness at the first log point and at each multiple of 8.
+  assert [("sharpness" in r) for r in records] == [True, True, False]
+  r = records[1]
+  np.testing.assert_allclose(r["eta_sharpness"],
+                             r["learning_rate"] * r["sharpness"], rtol=1e-6)
+  assert 0 <= r["alignment"] <= 1 + 1e-6
+  assert -1 <= r["update_cosine"] <= 1
+  assert {"numerator", "denominator", "test_accuracy"} <= set(r)
+  for name in ("summary.json", "config.json", "history.npz", "training.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  assert config_from_dict(json.loads((tmp_path / "config.json").read_text())
+                          ) == cfg
+
+
+def test_minibatch_run_is_deterministic(digits):
+  cfg = TrainConfig(**TINY, batch_size=32,
+                    optimizer=OptimizerConfig(tuner="cdat", ema=0.9,
+                                              scale=1.5))
+  a = Trainer(cfg, dataset=digits).run(progress=False, echo=None)
+  b = Trainer(cfg, dataset=digits).run(progress=False, echo=None)
+  np.testing.assert_array_equal(a.history["loss"], b.history["loss"])
+  c = Trainer(TrainConfig(**{**TINY, "seed": 1}, batch_size=32,
+                          optimizer=cfg.optimizer), dataset=digits).run(
+                              progress=False, echo=None)
+  assert not np.array_equal(a.history["loss"], c.history["loss"])
+
+
+def test_constant_lr_logs_the_schedule(digits):
+  opt = OptimizerConfig(tuner="constant", learning_rate=0.5,
+                        schedule="warmup_cosine", warmup_fraction=0.25)
+  cfg = TrainConfig(**TINY, optimizer=opt)
+  r = Trainer(cfg, dataset=digits).run(progress=False, echo=None)
+  sched = schedule(opt, cfg.steps)
+  np.testing.assert_allclose(r.history["learning_rate"],
+                             [float(sched(i)) for i in range(12)], rtol=1e-6)
+
+
+def test_divergence_is_detected(digits):
+  opt = OptimizerConfig(tuner="constant", learning_rate=1e3)
+  r = Trainer(TrainConfig(**TINY, optimizer=opt), dataset=digits).run(
+      progress=False, echo=None)
+  assert r.summary["status"] == "diverged"
+  assert r.summary["steps"] < 12 or not np.isfinite(r.summary["final_loss"])
+
+
+def test_curvature_batch_changes_only_the_curvature(digits):
+  cfg = TrainConfig(**{**TINY, "steps": 4}, curvature_batch=16)
+  trainer = Trainer(cfg, dataset=digits)
+  r = trainer.run(progress=False, echo=None)
+  full = Trainer(TrainConfig(**{**TINY, "steps": 4}), dataset=digits).run(
+      progress=False, echo=None)
+  # Same first loss (same init), different learning rates.
+  assert r.history["loss"][0] == full.history["loss"][0]
+  assert r.history["learning_rate"][0] != full.history["learning_rate"][0]
+
+
+@pytest.mark.parametrize("tuner", ["linesearch", "polyak", "hypergradient",
+                                   "quadratic_greedy", "sharpness_rule"])
+def test_every_tuner_trains(tuner, digits):
+  opt = OptimizerConfig(tuner=tuner, base="adam" if tuner == "sharpness_rule"
+                        else "gd", learning_rate=0.05)
+  r = Trainer(TrainConfig(**TINY, optimizer=opt), dataset=digits).run(
+      progress=False, echo=None)
+  assert r.summary["status"] == "ok"
+  assert r.summary["final_loss"] < r.summary["initial_loss"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("log_every", -1), ("batch_size", 0),
+    ("weight_decay", -1.0), ("loss", "hinge")])
+def test_bad_config_names_the_field(field, value):
+  with pytest.raises(ValueError, match=field):
+    TrainConfig(**{**TINY, field: value}).validate()
+
+
+def test_bad_optimizer_names_the_field():
+  with pytest.raises(ValueError, match="base"):
+    build_optimizer(OptimizerConfig(base="lbfgs"), 10)
+  with pytest.raises(ValueError, match="tuner"):
+    build_optimizer(OptimizerConfig(tuner="magic"), 10)
+  with pytest.raises(ValueError, match="learning_rate"):
+    build_optimizer(OptimizerConfig(tuner="constant", learning_rate=-1.0), 10)
