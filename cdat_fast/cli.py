@@ -85,6 +85,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--sharpness-every", type=int, default=0,
                  help="measure λ_max every N steps (0: never)")
   g.add_argument("--sharpness-iters", type=_positive_int, default=100)
+  g.add_argument("--checkpoint-every", type=int, default=0,
+                 help="write a checkpoint every N steps into OUT/checkpoints")
   g.add_argument("--track-alignment", action="store_true",
                  help="cosine of successive updates, alignment with the top"
                  " eigenvector")
@@ -127,7 +129,49 @@ def _configs_from_args(args) -> "TrainConfig":
       seed=args.seed, log_every=args.log_every,
       sharpness_every=args.sharpness_every,
       sharpness_iters=args.sharpness_iters,
-      track_alignment=args.track_alignment, optimizer=opt)
+      track_alignment=args.track_alignment,
+      checkpoint_every=args.checkpoint_every, optimizer=opt)
+  cfg.validate()
+  return cfg
+
+
+def _given_flags(argv: Sequence[str]) -> set[str]:
+  """Destinations of the options that appear on the command line."""
+  parser = build_parser()
+  sub = parser._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+  given = set()
+  for action in sub._actions:  # noqa: SLF001
+    for opt in action.option_strings:
+      if any(a == opt or a.startswith(opt + "=") for a in argv):
+        given.add(action.dest)
+  return given
+
+
+def _resume_config(args, argv):
+  """The saved config of the run in ``args.resume``, with flags given now."""
+  from cdat_fast.train import config_from_dict
+  run_dir = Path(args.resume)
+  cfg_path = run_dir / "config.json"
+  if not cfg_path.is_file():
+    raise CLIError(f"--resume {run_dir}: no config.json there (not a run"
+                   " directory written with --out)")
+  try:
+    saved = config_from_dict(json.loads(cfg_path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise CLIError(f"--resume {cfg_path}: unreadable config: {e}")
+  given = _given_flags(argv) - {"resume", "out", "quiet"}
+  current = _configs_from_args(args)
+  changes = {}
+  opt_changes = {}
+  opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+  for dest in given:
+    if dest in opt_fields:
+      opt_changes[dest] = getattr(current.optimizer, dest)
+    elif hasattr(current, dest):
+      changes[dest] = getattr(current, dest)
+  cfg = dataclasses.replace(
+      saved, **changes,
+      optimizer=dataclasses.replace(saved.optimizer, **opt_changes))
   cfg.validate()
   return cfg
 
@@ -148,11 +192,20 @@ def _describe(cfg) -> str:
 
 def cmd_train(args) -> int:
   from cdat_fast.train import Trainer
-  cfg = _configs_from_args(args)
+  if args.resume:
+    if args.out and Path(args.out) != Path(args.resume):
+      raise CLIError("--resume continues the run in its own directory; drop"
+                     " --out or give the same directory")
+    args.out = args.resume
+    cfg = _resume_config(args, args.argv)
+  else:
+    cfg = _configs_from_args(args)
   trainer = Trainer(cfg)
-  print(f"cdat-fast train: {_describe(cfg)}, {cfg.steps} steps")
+  verb = "resuming" if args.resume else "train:"
+  print(f"cdat-fast {verb} {_describe(cfg)}, {cfg.steps} steps")
   result = trainer.run(args.out, progress=not args.quiet,
-                       echo=None if args.quiet else print)
+                       echo=None if args.quiet else print,
+                       resume=bool(args.resume))
   s = result.summary
   line = (f"final loss {s['final_loss']:.6g} (mean of the last 5),"
           f" final lr {s['final_learning_rate']:.4g}, {s['seconds']:.1f}s")
@@ -378,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train one model (the main job)")
   _add_run_args(p)
   p.add_argument("--out", default=None, help="run directory to write")
+  p.add_argument("--resume", default=None, metavar="DIR",
+                 help="continue the run in DIR from its latest checkpoint;"
+                 " flags given now override its config where resumable"
+                 " (--steps)")
   p.add_argument("--quiet", action="store_true")
   p.set_defaults(func=cmd_train)
 
@@ -412,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
+  args.argv = argv
   from cdat_fast.data import DataError
   from cdat_fast.plots import RunFilesError
   try:

@@ -60,12 +60,14 @@ class TrainConfig:
   sharpness_iters: int = 100
   track_alignment: bool = False
   divergence_factor: float = 1e3  # stop when loss > factor × initial loss
+  checkpoint_every: int = 0  # 0: no checkpoints
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def validate(self) -> None:
     for name in ("steps", "log_every", "width", "depth", "sharpness_iters"):
       checks.check_int(name, getattr(self, name), low=1)
     checks.check_int("sharpness_every", self.sharpness_every, low=0)
+    checks.check_int("checkpoint_every", self.checkpoint_every, low=0)
     checks.check_int("seed", self.seed, low=0)
     for name in ("batch_size", "curvature_batch", "subset"):
       if getattr(self, name) is not None:
@@ -106,20 +108,37 @@ def build_model(cfg: TrainConfig, dataset: Dataset):
   return get_model(cfg.model, dataset.num_classes, **overrides)
 
 
-def _batch_stream(dataset: Dataset, cfg: TrainConfig
-                  ) -> Iterator[dict[str, np.ndarray]]:
-  epoch = 0
-  while True:
-    any_batch = False
-    for b in batches(dataset, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                     drop_remainder=True):
-      any_batch = True
-      yield b
-    if not any_batch:
+class BatchStream:
+  """Minibatches in a seeded order that can be resumed at (epoch, position).
+
+  Epoch ``e`` is the permutation of :func:`cdat_fast.data.batches` for
+  ``(seed, e)``, cut into full batches (the remainder is dropped).
+  """
+
+  def __init__(self, dataset: Dataset, batch_size: int, seed: int,
+               epoch: int = 0, position: int = 0):
+    n = len(dataset.x_train)
+    if batch_size > n:
       raise ValueError(
-          f"batch_size={cfg.batch_size} exceeds the {len(dataset.x_train)}"
-          " training examples")
-    epoch += 1
+          f"batch_size={batch_size} exceeds the {n} training examples")
+    self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+    self.epoch, self.position = epoch, position
+    self._epoch_batches = None
+
+  def _load_epoch(self):
+    self._epoch_batches = list(batches(
+        self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch,
+        drop_remainder=True))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._epoch_batches is None:
+      self._load_epoch()
+    if self.position >= len(self._epoch_batches):
+      self.epoch, self.position = self.epoch + 1, 0
+      self._load_epoch()
+    batch = self._epoch_batches[self.position]
+    self.position += 1
+    return batch
 
 
 def _first(batch, k):
@@ -225,22 +244,46 @@ class Trainer:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), carry)
 
   def run(self, out_dir: str | os.PathLike | None = None, *,
-          progress: bool = True, echo: Callable[[str], None] | None = print
-          ) -> RunResult:
+          progress: bool = True, echo: Callable[[str], None] | None = print,
+          resume: bool = False) -> RunResult:
+    """Trains for ``cfg.steps`` steps, or continues a run with ``resume``.
+
+    With ``resume``, the latest checkpoint in ``out_dir/checkpoints`` is
+    restored (parameters, optimizer and tuner state, step, data order,
+    sharpness warm start, metrics so far) and training continues to
+    ``cfg.steps``; the result is bit-identical to an uninterrupted run.
+    """
     cfg, ds = self.cfg, self.dataset
     carry = self.init()
-    stream = _batch_stream(ds, cfg) if cfg.batch_size is not None else None
+    stream = (BatchStream(ds, cfg.batch_size, cfg.seed)
+              if cfg.batch_size is not None else None)
     full = jax.tree.map(jnp.asarray, {"x": ds.x_train, "y": ds.y_train})
     probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
     test = None
     if ds.x_test is not None and len(ds.x_test):
       test = jax.tree.map(jnp.asarray, {"x": ds.x_test, "y": ds.y_test})
-    writer = _Writer(out_dir, cfg)
     history: dict[str, list[np.ndarray]] = {}
     records: list[dict[str, Any]] = []
     eigvec = None
     status, message, initial_loss = "ok", "", None
     done = 0
+    checkpointer = None
+    if out_dir is not None and (cfg.checkpoint_every or resume):
+      from cdat_fast.checkpoint import Checkpointer
+      checkpointer = Checkpointer(Path(out_dir) / "checkpoints")
+    if resume:
+      if checkpointer is None:
+        raise ValueError("resume needs the run directory (out_dir)")
+      restored = checkpointer.restore_latest(carry, cfg)
+      carry, eigvec = restored.carry, restored.eigvec
+      done, initial_loss = restored.step, restored.initial_loss
+      records = restored.records
+      history = {k: [v] for k, v in restored.history.items()}
+      if stream is not None:
+        stream = BatchStream(ds, cfg.batch_size, cfg.seed,
+                             *restored.stream_position)
+    writer = _Writer(out_dir, cfg, records if resume else None)
+    last_checkpoint = done if resume else None
     t0 = time.perf_counter()
     progress = progress and sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, disable=not progress, delay=3.0, leave=False,
@@ -293,13 +336,25 @@ class Trainer:
           status = "diverged"
           first = done - length + int(np.argmax(bad))
           message = f"loss is not finite at step {first}"
-          break
-        if np.max(losses) > cfg.divergence_factor * max(initial_loss, 1e-30):
+        elif np.max(losses) > cfg.divergence_factor * max(initial_loss, 1e-30):
           status = "diverged"
           message = (f"loss {float(np.max(losses)):.4g} exceeds"
                      f" {cfg.divergence_factor:g}× the initial loss"
                      f" {initial_loss:.4g}")
+        if status != "ok":
+          if last_checkpoint is not None:
+            message += f"; last good checkpoint: step {last_checkpoint}"
           break
+        if checkpointer is not None and cfg.checkpoint_every and (
+            done // cfg.checkpoint_every >
+            (done - length) // cfg.checkpoint_every or done == cfg.steps):
+          checkpointer.save(
+              step=done, carry=carry, eigvec=eigvec, cfg=cfg,
+              initial_loss=initial_loss, records=records,
+              history={k: np.concatenate(v) for k, v in history.items()},
+              stream_position=((stream.epoch, stream.position)
+                               if stream is not None else (0, 0)))
+          last_checkpoint = done
     finally:
       bar.close()
     seconds = time.perf_counter() - t0
@@ -327,7 +382,7 @@ class Trainer:
 class _Writer:
   """Writes a run's files; nothing is written without an ``out_dir``."""
 
-  def __init__(self, out_dir, cfg):
+  def __init__(self, out_dir, cfg, records=None):
     self.dir = None if out_dir is None else Path(out_dir)
     self.cfg = cfg
     self._metrics = None
@@ -336,6 +391,8 @@ class _Writer:
       (self.dir / "config.json").write_text(
           json.dumps(config_to_dict(cfg), indent=2, default=str) + "\n")
       self._metrics = open(self.dir / "metrics.jsonl", "w")
+      for record in records or ():
+        self.record(record)
 
   def record(self, record):
     if self._metrics is not None:

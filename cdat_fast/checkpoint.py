@@ -1,0 +1,148 @@
+"""Checkpoints of training runs with orbax-checkpoint, and resuming them.
+
+A checkpoint at step ``n`` (``checkpoints/step_<n>/``) holds, through Orbax,
+the arrays of the scan carry (parameters, optimizer and tuner state, prior
+update, step counter) and the sharpness warm start; beside it
+``step_<n>.json`` holds what lives on the host: the data order (epoch and
+position of the minibatch stream), the initial loss, the metrics records so
+far and the configuration; ``step_<n>.npz`` the per-step history so far. The
+JSON file is written last, so a checkpoint without it is incomplete and
+ignored. The two newest checkpoints are kept.
+
+Resuming requires the configuration the checkpoint was written with, except
+for ``steps`` and ``checkpoint_every``; anything else differing is reported by
+name (:class:`CheckpointError`).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete or from an incompatible run."""
+
+
+class Restored(NamedTuple):
+  step: int
+  carry: Any
+  eigvec: Any
+  initial_loss: float | None
+  records: list
+  history: dict
+  stream_position: tuple[int, int]
+
+
+def _flatten_config(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Fields (dotted names) whose values differ, ignoring resumable ones."""
+  a, b = _flatten_config(saved), _flatten_config(current)
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if key.split(".")[-1] in RESUMABLE_CHANGES and "." not in key:
+      continue
+    if a.get(key) != b.get(key):
+      diffs.append(f"{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+  return diffs
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints in one directory."""
+
+  def __init__(self, directory: str | Path, keep: int = 2):
+    import orbax.checkpoint as ocp
+    self.dir = Path(directory).absolute()
+    self.keep = keep
+    self._ocp = ocp
+    self._ckpt = ocp.StandardCheckpointer()
+
+  def steps(self) -> list[int]:
+    """Steps of the complete checkpoints, oldest first."""
+    if not self.dir.is_dir():
+      return []
+    found = []
+    for p in self.dir.glob("step_*.json"):
+      m = re.fullmatch(r"step_(\d+)\.json", p.name)
+      if m and (self.dir / f"step_{m.group(1)}").is_dir():
+        found.append(int(m.group(1)))
+    return sorted(found)
+
+  def save(self, *, step: int, carry, eigvec, cfg, initial_loss, records,
+           history, stream_position) -> None:
+    from cdat_fast.train import config_to_dict
+    self.dir.mkdir(parents=True, exist_ok=True)
+    path = self.dir / f"step_{step}"
+    if path.exists():
+      shutil.rmtree(path)
+    tree = {"carry": carry}
+    if eigvec is not None:
+      tree["eigvec"] = eigvec
+    self._ckpt.save(path, tree)
+    self._ckpt.wait_until_finished()
+    np.savez(self.dir / f"step_{step}.npz", **history)
+    meta = {"step": step, "initial_loss": initial_loss,
+            "has_eigvec": eigvec is not None,
+            "stream_position": list(stream_position), "records": records,
+            "config": config_to_dict(cfg)}
+    tmp = self.dir / f"step_{step}.json.tmp"
+    tmp.write_text(json.dumps(meta, default=str))
+    tmp.replace(self.dir / f"step_{step}.json")
+    for old in self.steps()[:-self.keep]:
+      shutil.rmtree(self.dir / f"step_{old}", ignore_errors=True)
+      for suffix in (".json", ".npz"):
+        (self.dir / f"step_{old}{suffix}").unlink(missing_ok=True)
+
+  def restore_latest(self, carry_like, cfg) -> Restored:
+    """Restores the newest complete checkpoint into the structure of ``carry_like``."""
+    from cdat_fast.train import config_to_dict
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f"{self.dir}: no complete checkpoint to resume from")
+    step = steps[-1]
+    try:
+      meta = json.loads((self.dir / f"step_{step}.json").read_text())
+    except (OSError, ValueError) as e:
+      raise CheckpointError(
+          f"{self.dir}/step_{step}.json: unreadable checkpoint metadata: {e}")
+    diffs = config_differences(meta["config"], json.loads(json.dumps(
+        config_to_dict(cfg), default=str)))
+    if diffs:
+      raise CheckpointError(
+          f"{self.dir}: checkpoint from an incompatible configuration ("
+          + "; ".join(diffs) + ")")
+    if step > cfg.steps:
+      raise CheckpointError(
+          f"{self.dir}: checkpoint is at step {step}, beyond steps={cfg.steps}")
+    target = {"carry": carry_like}
+    if meta["has_eigvec"]:
+      target["eigvec"] = carry_like[0]
+    abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
+    try:
+      tree = self._ckpt.restore(self.dir / f"step_{step}", abstract)
+      with np.load(self.dir / f"step_{step}.npz") as h:
+        history = {k: h[k] for k in h.files}
+    except Exception as e:  # orbax raises many types; report one line.
+      raise CheckpointError(
+          f"{self.dir}/step_{step}: cannot restore checkpoint: "
+          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return Restored(step=step, carry=tree["carry"], eigvec=tree.get("eigvec"),
+                    initial_loss=meta["initial_loss"], records=meta["records"],
+                    history=history,
+                    stream_position=tuple(meta["stream_position"]))
