@@ -26,10 +26,10 @@ from collections.abc import Iterator
 import gzip
 import io
 import os
-import pickle
-import zlib
 from pathlib import Path
+import pickle
 from typing import NamedTuple
+import zlib
 
 import numpy as np
 
@@ -232,6 +232,11 @@ def _check_dir(data_dir: str | os.PathLike | None, dataset: str) -> Path:
   return path
 
 
+def _to_unit(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels to float32 in [0, 1]."""
+  return pixels.astype(np.float32) / 255.0
+
+
 # ----------------------------------------------------------------------------
 # IDX (MNIST, Fashion-MNIST).
 
@@ -305,7 +310,8 @@ def read_idx(path: str | os.PathLike, *, ndim: int, what: str) -> np.ndarray:
 def _idx_names(prefix: str, kind: str, ndim: int) -> list[str]:
   # Both the canonical "train-images-idx3-ubyte" and the common
   # "train-images.idx3-ubyte" spellings.
-  return [f"{prefix}-{kind}-idx{ndim}-ubyte", f"{prefix}-{kind}.idx{ndim}-ubyte"]
+  return [f"{prefix}-{kind}-idx{ndim}-ubyte",
+          f"{prefix}-{kind}.idx{ndim}-ubyte"]
 
 
 def _load_idx_split(data_dir: Path, prefix: str, dataset: str
@@ -318,7 +324,7 @@ def _load_idx_split(data_dir: Path, prefix: str, dataset: str
     raise DataError(
         f"{lbl_path}: has {len(labels)} labels but {img_path} has "
         f"{len(images)} images.")
-  x = (images.astype(np.float32) / 255.0)[..., None]
+  x = _to_unit(images)[..., None]
   return x, labels.astype(np.int32)
 
 
@@ -466,8 +472,8 @@ def load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
   x_test, y_test = read_cifar_batch(path / "test_batch")
   x_train = np.concatenate([x for x, _ in train])
   y_train = np.concatenate([y for _, y in train])
-  scale = lambda x: x.astype(np.float32) / 255.0
-  return Dataset(scale(x_train), y_train, scale(x_test), y_test, 10, "image")
+  return Dataset(_to_unit(x_train), y_train, _to_unit(x_test), y_test, 10,
+                 "image")
 
 
 # ----------------------------------------------------------------------------

@@ -304,9 +304,11 @@ def theory_figures(out_dir: str | os.PathLike) -> list[Path]:
     ``fig10_eos_projection.png`` and ``fig11_cdat_projection.png``.
   """
   # The object-oriented API with the Agg canvas leaves pyplot's global state
-  # (and the user's backend) alone.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  # (and the user's backend) alone; matplotlib is imported only when drawing.
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
 
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

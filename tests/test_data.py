@@ -256,8 +256,11 @@ def test_load_text_blocks_and_vocab(tmp_path):
   assert ds.x_train.shape[1] == 8 and ds.y_train.shape == ds.x_train.shape
   # Targets are the inputs shifted by one character.
   np.testing.assert_array_equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
+
+  def decode(ids):
+    return "".join(ds.vocab[i] for i in ids)
+
   # Blocks of 9 characters, consecutive and non-overlapping, from the start.
-  decode = lambda ids: "".join(ds.vocab[i] for i in ids)
   for i in range(len(ds.x_train)):
     block = decode(ds.x_train[i]) + decode(ds.y_train[i][-1:])
     assert block == _TEXT[9 * i:9 * i + 9]
