@@ -71,8 +71,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--model", default="mlp",
                  help="mlp, resnet, resnet-ln, mixer, nanolm, vit, ...")
   g.add_argument("--width", type=_positive_int, default=256, help="MLP width")
-  g.add_argument("--depth", type=_positive_int, default=2,
-                 help="MLP hidden layers")
+  g.add_argument("--depth", type=int, default=2,
+                 help="MLP hidden layers (0: a linear model)")
   g.add_argument("--loss", default=None, choices=("squared", "cross_entropy"),
                  help="default: squared for images, cross_entropy for text")
   g.add_argument("--weight-decay", type=_float, default=1e-5)
@@ -207,7 +207,7 @@ def cmd_train(args) -> int:
                        echo=None if args.quiet else print,
                        resume=bool(args.resume))
   s = result.summary
-  line = (f"final loss {s['final_loss']:.6g} (mean of the last 5),"
+  line = (f"final loss {s['last5_loss']:.6g} (mean of the last 5),"
           f" final lr {s['final_learning_rate']:.4g}, {s['seconds']:.1f}s")
   if "test_accuracy" in s:
     line += f", test accuracy {s['test_accuracy']:.3f}"
@@ -286,16 +286,26 @@ def cmd_sweep(args) -> int:
            "status": result.summary["status"], "dir": tag}
     rows.append(row)
     print(_format_row(row, names), flush=True)
-  best, edges = select_best(rows, axes)
-  print(f"best: {_format_row(best, names)}")
-  for name in edges:
-    print(f"warning: the best {name} ({best[name]:g}) is on the edge of the"
-          " grid; widen the grid", file=sys.stderr)
+  # The batch size is a setting, not a hyperparameter to tune: pick the best
+  # per batch size (the paper's Fig. 7 compares the best scale across them).
+  tuned_axes = {k: v for k, v in axes.items() if k != "batch_size"}
+  bests = []
+  for bs in axes["batch_size"]:
+    group = [r for r in rows if r["batch_size"] == bs]
+    try:
+      best, edges = select_best(group, tuned_axes)
+    except ValueError as e:
+      print(f"batch_size={bs}: {e}", file=sys.stderr)
+      continue
+    bests.append({"best": best, "edges": edges})
+    print(f"best: {_format_row(best, names)}")
+    for name in edges:
+      print(f"warning: the best {name} ({best[name]:g}) is on the edge of the"
+            f" grid (batch_size={bs}); widen the grid", file=sys.stderr)
   if out:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(
-        {"rows": rows, "best": best, "edges": edges}, indent=2,
-        default=str) + "\n")
+        {"rows": rows, "best": bests}, indent=2, default=str) + "\n")
     _plot_sweep(rows, axes, out / "sweep.png")
     print(f"wrote {out}/sweep.json and sweep.png")
   return 0
@@ -390,8 +400,8 @@ def cmd_compare(args) -> int:
       continue
     label = f"constant (best lr {best_const[0]:g})" if name.startswith(
         "constant_") else name
-    loss = (f"{s['final_loss']:.5g}" if math.isfinite(s["final_loss"])
-            else "diverged")
+    loss = (f"{s['final_loss']:.5g}" if s["status"] == "ok"
+            and math.isfinite(s["final_loss"]) else "diverged")
     lr = s["final_learning_rate"]
     print(f"{label:<24} {loss:>12} {lr if lr is None else f'{lr:.4g}':>10}"
           f" {s['seconds']:>8.1f}")

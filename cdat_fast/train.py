@@ -48,7 +48,7 @@ class TrainConfig:
   subset: int | None = None
   model: str = "mlp"
   width: int = 256  # MLP hidden width
-  depth: int = 2  # MLP hidden layers
+  depth: int = 2  # MLP hidden layers (0: a linear model)
   loss: str = "squared"
   weight_decay: float = 1e-5
   steps: int = 300
@@ -64,8 +64,9 @@ class TrainConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def validate(self) -> None:
-    for name in ("steps", "log_every", "width", "depth", "sharpness_iters"):
+    for name in ("steps", "log_every", "width", "sharpness_iters"):
       checks.check_int(name, getattr(self, name), low=1)
+    checks.check_int("depth", self.depth, low=0)
     checks.check_int("sharpness_every", self.sharpness_every, low=0)
     checks.check_int("checkpoint_every", self.checkpoint_every, low=0)
     checks.check_int("seed", self.seed, low=0)
@@ -361,13 +362,16 @@ class Trainer:
     hist = {k: np.concatenate(v) for k, v in history.items()}
     losses = hist.get("loss", np.zeros(0))
     tail = losses[-5:]
-    final = float(np.mean(tail)) if len(tail) and np.all(
+    last5 = float(np.mean(tail)) if len(tail) and np.all(
         np.isfinite(tail)) else math.inf
+    # A diverged run ranks last whatever its last losses were.
+    final = last5 if status == "ok" else math.inf
     summary = {
         "status": status,
         "message": message,
         "steps": int(done),
         "final_loss": final,
+        "last5_loss": last5,
         "initial_loss": initial_loss,
         "final_learning_rate": float(hist["learning_rate"][-1]) if done else None,
         "seconds": seconds,

@@ -85,6 +85,16 @@ def test_sweep_runs_grid_and_warns_on_edge(tmp_path, capsys):
   data = json.loads((tmp_path / "sweep.json").read_text())
   assert len(data["rows"]) == 2
   # Tiny learning rates on a short run: the larger one wins, on the edge.
-  assert data["best"]["learning_rate"] == pytest.approx(0.02)
+  assert data["best"][0]["best"]["learning_rate"] == pytest.approx(0.02)
   assert "edge" in capsys.readouterr().err
   assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_linear_model_and_diverged_run_ranks_last(tmp_path, capsys):
+  rc = main(["sweep", "--subset", "64", "--depth", "0", "--steps", "6",
+             "--log-every", "3", "--tuner", "constant", "--lr", "0.01",
+             "--lr-exponents", "-1", "6", "--out", str(tmp_path)])
+  assert rc == 0
+  rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+  diverged = [r for r in rows if r["status"] == "diverged"]
+  assert diverged and all(math.isinf(r["final_loss"]) for r in diverged)
