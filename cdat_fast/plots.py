@@ -48,7 +48,10 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
   """Draws loss, learning rate, sharpness and η·λ for runs side by side."""
   runs = [read_run(d) for d in run_dirs]
   labels = list(labels) if labels is not None else [r["name"] for r in runs]
-  fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+  has_sharpness = any(r.get("sharpness") is not None
+                      for run in runs for r in run["records"])
+  panels = 4 if has_sharpness else 2
+  fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.8))
   for run, label in zip(runs, labels):
     h, recs = run["history"], run["records"]
     steps = np.arange(1, len(h.get("loss", [])) + 1)
@@ -58,16 +61,17 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
       axes[1].plot(steps, h["learning_rate"], label=label, lw=1)
     sharp = [(r["step"], r["sharpness"], r.get("eta_sharpness"))
              for r in recs if r.get("sharpness") is not None]
-    if sharp:
+    if sharp and has_sharpness:
       s, lam, el = zip(*sharp)
       axes[2].plot(s, lam, marker=".", label=label)
       axes[3].plot(s, [np.nan if e is None else e for e in el], marker=".",
                    label=label)
   axes[0].set(title="train loss", xlabel="step", yscale="log")
   axes[1].set(title="learning rate", xlabel="step", yscale="log")
-  axes[2].set(title="sharpness λ_max", xlabel="step")
-  axes[3].set(title="η·λ_max", xlabel="step")
-  axes[3].axhline(2.0, color="k", ls="--", lw=0.8)
+  if has_sharpness:
+    axes[2].set(title="sharpness λ_max", xlabel="step")
+    axes[3].set(title="η·λ_max", xlabel="step")
+    axes[3].axhline(2.0, color="k", ls="--", lw=0.8)
   for ax in axes:
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
