@@ -1,1 +1,24 @@
-__all__ = []
+"""Fused second-order forward (jet) kernels in Pallas, with pure-jnp references.
+
+Each kernel computes a layer's value, first-order and second-order tangents
+``(y, dy, ddy)`` in one pass; ``interpret=None`` runs Pallas' interpreter on
+CPU and compiles elsewhere.
+"""
+
+from .activation_jet import ACTIVATIONS
+from .activation_jet import activation_jet
+from .activation_jet import activation_jet_reference
+from .dense_jet import dense_jet
+from .dense_jet import dense_jet_reference
+from .layer_norm_jet import layer_norm_jet
+from .layer_norm_jet import layer_norm_jet_reference
+
+__all__ = [
+    "ACTIVATIONS",
+    "activation_jet",
+    "activation_jet_reference",
+    "dense_jet",
+    "dense_jet_reference",
+    "layer_norm_jet",
+    "layer_norm_jet_reference",
+]

@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Checks and times the fused jet kernels on a GPU against XLA's jvp-of-jvp.
+
+Run on a machine with a GPU and JAX with CUDA (0.10 or later)::
+
+  python bench/gpu_kernels.py            # full run, about 2-4 minutes
+  python bench/gpu_kernels.py --budget 120
+
+The repository must be importable: ``pip install -e . --no-deps`` or
+``PYTHONPATH=<repo>`` (then ``kernels/`` is imported directly). Nothing
+beyond JAX is needed; the optional end-to-end MLP section needs flax.
+
+1. Correctness: ``dense_jet``, ``activation_jet``, ``layer_norm_jet``
+   compiled on the GPU (``interpret=False``) against their pure-jnp references
+   at awkward sizes, f32 at ``precision=HIGHEST`` (tight), f32 at default
+   precision (TF32, loose) and bf16 (loose).
+2. Timing: each kernel against XLA's jvp-of-jvp of the plain layer along one
+   direction (the CDAT structure: the weights' second-order tangent is zero),
+   at 128 / 1024 / 8192 tokens, d = 1024 / 4096, bf16 and f32. The table
+   shows milliseconds, the speed-up ``xla / fused``, achieved TFLOP/s (dense:
+   5 matmuls of ``2·tokens·d·d``) and GB/s (every input read once, every
+   output written once).
+3. A small sweep of dense_jet block sizes, and (with flax) an MLP's uᵀHu by
+   jvp-of-jvp with ``cdat_fast.nn`` layers vs plain ``flax.linen``.
+
+On a machine without a GPU it says so and exits 0. Exit status 1 when a
+correctness check fails or a kernel does not compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_kernels():
+  """``cdat_fast.kernels`` if installed, else ``kernels/`` from the repo."""
+  try:
+    from cdat_fast import kernels  # pylint: disable=g-import-not-at-top
+    return kernels
+  except Exception:  # pylint: disable=broad-except
+    if _REPO not in sys.path:
+      sys.path.insert(0, _REPO)
+    import kernels  # pylint: disable=g-import-not-at-top
+    sys.modules.setdefault("cdat_fast.kernels", kernels)
+    return kernels
+
+
+class Bench:
+  """Holds the run's options, deadline and failures."""
+
+  def __init__(self, args):
+    self.args = args
+    self.start = time.perf_counter()
+    self.failures = []
+    self.skipped = 0
+
+  def out_of_time(self) -> bool:
+    if time.perf_counter() - self.start > self.args.budget:
+      self.skipped += 1
+      return True
+    return False
+
+
+def _time(fn, *args, min_time=0.05, repeats=5):
+  """Median seconds per call of a compiled ``fn`` (compiles first)."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = max(time.perf_counter() - t0, 1e-6)
+  inner = int(min(200, max(1, min_time / once)))
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples)
+
+
+def _randn(key, shape, dtype, scale=1.0):
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _rel_err(actual, expected) -> float:
+  err, ref = 0.0, 0.0
+  for a, e in zip(actual, expected):
+    a = np.asarray(a, np.float32)
+    e = np.asarray(e, np.float32)
+    err = max(err, float(np.max(np.abs(a - e))) if a.size else 0.0)
+    ref = max(ref, float(np.max(np.abs(e))) if e.size else 0.0)
+  return err / max(ref, 1e-30)
+
+
+# ---------------------------------------------------------------------------
+# Problems: inputs, fused call, XLA baseline, work.
+# ---------------------------------------------------------------------------
+
+
+def dense_problem(k, tokens, d_in, d_out, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 7)
+  x = _randn(keys[0], (tokens, d_in), dtype)
+  w = _randn(keys[1], (d_in, d_out), dtype, d_in ** -0.5)
+  b = _randn(keys[2], (d_out,), dtype)
+  dx = _randn(keys[3], (tokens, d_in), dtype)
+  dw = _randn(keys[4], (d_in, d_out), dtype, d_in ** -0.5)
+  db = _randn(keys[5], (d_out,), dtype)
+  ddx = _randn(keys[6], (tokens, d_in), dtype)
+  return (x, w, b, dx, dw, db, ddx)
+
+
+def dense_xla(x, w, b, dx, dw, db, ddx, precision=None):
+  """XLA's jvp-of-jvp of ``x @ w + b`` along one direction (dw, db fixed)."""
+  plain = lambda x, w, b: jnp.matmul(x, w, precision=precision) + b
+  first = lambda x, w, b, dx: jax.jvp(plain, (x, w, b), (dx, dw, db))
+  (y, dy), (_, ddy) = jax.jvp(first, (x, w, b, dx), (dx, dw, db, ddx))
+  return y, dy, ddy
+
+
+def activation_problem(tokens, d, dtype, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return (_randn(k1, (tokens, d), dtype, 2.0), _randn(k2, (tokens, d), dtype),
+          _randn(k3, (tokens, d), dtype))
+
+
+def activation_xla(x, dx, ddx, *, activation, kernels):
+  f = kernels.ACTIVATIONS[activation]
+  first = lambda x, dx: jax.jvp(f, (x,), (dx,))
+  (y, dy), (_, ddy) = jax.jvp(first, (x, dx), (dx, ddx))
+  return y, dy, ddy
+
+
+def layer_norm_problem(tokens, d, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 7)
+  rows = lambda k, s=1.0: _randn(k, (tokens, d), dtype, s)
+  vec = lambda k: _randn(k, (d,), jnp.float32)
+  return (rows(keys[0], 2.0), 1.0 + vec(keys[1]), vec(keys[2]), rows(keys[3]),
+          vec(keys[4]), vec(keys[5]), rows(keys[6]))
+
+
+def layer_norm_xla(x, scale, bias, dx, dscale, dbias, ddx, *, epsilon=1e-6):
+  """XLA's jvp-of-jvp of the plain formula (float32 statistics, like flax)."""
+
+  def plain(x, scale, bias):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + epsilon) * scale
+            + bias).astype(x.dtype)
+
+  first = lambda x, s, b, dx: jax.jvp(plain, (x, s, b), (dx, dscale, dbias))
+  (y, dy), (_, ddy) = jax.jvp(first, (x, scale, bias, dx),
+                              (dx, dscale, dbias, ddx))
+  return y, dy, ddy
+
+
+# ---------------------------------------------------------------------------
+# 1. Correctness.
+# ---------------------------------------------------------------------------
+
+
+def check(bench, kernels, name, fused, reference, args, tol):
+  try:
+    err = _rel_err(jax.jit(fused)(*args), jax.jit(reference)(*args))
+  except Exception as e:  # pylint: disable=broad-except
+    bench.failures.append(f"{name}: {type(e).__name__}")
+    print(f"  {name:<44} ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
+    if bench.args.verbose:
+      traceback.print_exc()
+    return
+  ok = err <= tol
+  if not ok:
+    bench.failures.append(name)
+  print(f"  {name:<44} {'ok  ' if ok else 'FAIL'} max|err|/max|ref| = "
+        f"{err:.2e} (tol {tol:.0e})")
+
+
+def correctness(bench, kernels, interpret):
+  print("\n== correctness (compiled vs reference) ==")
+  highest = jax.lax.Precision.HIGHEST
+  for tokens, d_in, d_out in ((2 * 37, 19, 53), (300, 1000, 700)):
+    for dtype, precision, tol in ((jnp.float32, highest, 1e-5),
+                                  (jnp.float32, None, 1e-2),
+                                  (jnp.bfloat16, None, 3e-2)):
+      args = dense_problem(kernels, tokens, d_in, d_out, dtype)
+      tag = "f32-highest" if precision else jnp.dtype(dtype).name
+      check(bench, kernels, f"dense_jet {tokens}x{d_in}x{d_out} {tag}",
+            functools.partial(kernels.dense_jet, precision=precision,
+                              interpret=interpret),
+            functools.partial(kernels.dense_jet_reference,
+                              precision=precision), args, tol)
+    # b, db absent; dx absent (first layer).
+    args = list(dense_problem(kernels, tokens, d_in, d_out, jnp.float32))
+    no_bias = args[:2] + [None] + args[3:5] + [None] + args[6:]
+    first_layer = args[:3] + [None] + args[4:6] + [None]
+    for tag, a in (("no bias", no_bias), ("dx=ddx=None", first_layer)):
+      check(bench, kernels, f"dense_jet {tokens}x{d_in}x{d_out} f32 {tag}",
+            functools.partial(kernels.dense_jet, precision=highest,
+                              interpret=interpret),
+            functools.partial(kernels.dense_jet_reference, precision=highest),
+            a, 1e-5)
+  for activation in sorted(kernels.ACTIVATIONS):
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
+      args = activation_problem(3 * 37, 19, dtype)
+      check(bench, kernels,
+            f"activation_jet {activation} 111x19 {jnp.dtype(dtype).name}",
+            functools.partial(kernels.activation_jet, activation=activation,
+                              interpret=interpret),
+            functools.partial(kernels.activation_jet_reference,
+                              activation=activation), args, tol)
+  for d in (53, 1000):
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)):
+      args = layer_norm_problem(2 * 37, d, dtype)
+      check(bench, kernels, f"layer_norm_jet 74x{d} {jnp.dtype(dtype).name}",
+            functools.partial(kernels.layer_norm_jet, interpret=interpret),
+            kernels.layer_norm_jet_reference, args, tol)
+
+
+# ---------------------------------------------------------------------------
+# 2. Timing.
+# ---------------------------------------------------------------------------
+
+_HEADER = (f"  {'kernel':<22}{'tokens':>7}{'d':>6} {'dtype':<9}"
+           f"{'fused ms':>10}{'xla ms':>9}{'xla/fused':>10}"
+           f"{'fused TF/s':>11}{'xla TF/s':>9}"
+           f"{'fused GB/s':>11}{'xla GB/s':>9}")
+
+
+def time_row(bench, name, tokens, d, dtype, fused, xla, args, flops, nbytes):
+  if bench.out_of_time():
+    return
+  label = f"  {name:<22}{tokens:>7}{d:>6} {jnp.dtype(dtype).name:<9}"
+  try:
+    t_fused = _time(jax.jit(fused), *args)
+  except Exception as e:  # pylint: disable=broad-except
+    bench.failures.append(f"{name} {tokens}x{d}: {type(e).__name__}")
+    print(f"{label}fused ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
+    return
+  t_xla = _time(jax.jit(xla), *args)
+  tf = lambda t: f"{flops / t / 1e12:>9.1f}" if flops else f"{'-':>9}"
+  print(f"{label}{t_fused * 1e3:>10.3f}{t_xla * 1e3:>9.3f}"
+        f"{t_xla / t_fused:>10.2f}{tf(t_fused):>11}{tf(t_xla):>9}"
+        f"{nbytes / t_fused / 1e9:>11.0f}{nbytes / t_xla / 1e9:>9.0f}")
+
+
+def timing(bench, kernels, interpret, tokens_list, d_list, dtypes):
+  print("\n== timing: fused kernel vs XLA jvp-of-jvp (median of 5) ==")
+  print(_HEADER)
+  for dtype in dtypes:
+    item = jnp.dtype(dtype).itemsize
+    for d in d_list:
+      for tokens in tokens_list:
+        args = dense_problem(kernels, tokens, d, d, dtype)
+        time_row(bench, "dense_jet", tokens, d, dtype,
+                 functools.partial(kernels.dense_jet, interpret=interpret),
+                 dense_xla, args, flops=5 * 2 * tokens * d * d,
+                 nbytes=item * (3 * tokens * d + 2 * d * d + 2 * d
+                                + 3 * tokens * d))
+  for dtype in dtypes:
+    item = jnp.dtype(dtype).itemsize
+    for activation in ("relu", "gelu"):
+      for tokens in tokens_list[1:]:
+        d = d_list[-1]
+        args = activation_problem(tokens, d, dtype)
+        time_row(bench, f"activation_jet {activation}", tokens, d, dtype,
+                 functools.partial(kernels.activation_jet,
+                                   activation=activation,
+                                   interpret=interpret),
+                 functools.partial(activation_xla, activation=activation,
+                                   kernels=kernels),
+                 args, flops=0, nbytes=item * 6 * tokens * d)
+  for dtype in dtypes:
+    item = jnp.dtype(dtype).itemsize
+    for d in d_list:
+      for tokens in tokens_list[1:]:
+        args = layer_norm_problem(tokens, d, dtype)
+        time_row(bench, "layer_norm_jet", tokens, d, dtype,
+                 functools.partial(kernels.layer_norm_jet,
+                                   interpret=interpret),
+                 layer_norm_xla, args, flops=0,
+                 nbytes=item * 6 * tokens * d)
+
+
+def block_sweep(bench, kernels, interpret, tokens, d, dtype):
+  print(f"\n== dense_jet block sizes at {tokens} tokens, d={d}, "
+        f"{jnp.dtype(dtype).name} ==")
+  args = dense_problem(kernels, tokens, d, d, dtype)
+  flops = 5 * 2 * tokens * d * d
+  for bm, bn, bk, warps in ((64, 64, 32, 4), (64, 128, 32, 4),
+                            (128, 64, 32, 8), (128, 128, 32, 8),
+                            (128, 128, 64, 8)):
+    if bench.out_of_time():
+      return
+    fn = functools.partial(kernels.dense_jet, interpret=interpret, block_m=bm,
+                           block_n=bn, block_k=bk, num_warps=warps)
+    try:
+      t = _time(jax.jit(fn), *args)
+      print(f"  block_m={bm:<4} block_n={bn:<4} block_k={bk:<3} "
+            f"num_warps={warps}: {t * 1e3:8.3f} ms {flops / t / 1e12:7.1f} "
+            "TFLOP/s")
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  block_m={bm:<4} block_n={bn:<4} block_k={bk:<3} "
+            f"num_warps={warps}: ERROR {type(e).__name__}: "
+            f"{str(e).splitlines()[0]}")
+
+
+def mlp_section(bench, tokens_list, d, dtype):
+  """uᵀHu of an MLP with cdat_fast.nn layers vs flax.linen (needs flax)."""
+  try:
+    import flax.linen as fnn  # pylint: disable=g-import-not-at-top
+    from cdat_fast import nn as jet_nn  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"\n== MLP section skipped ({type(e).__name__}: {e}) ==")
+    return
+  print(f"\n== MLP uᵀHu by jvp-of-jvp: cdat_fast.nn vs flax.linen "
+        f"(4 x Dense({d}) + gelu, {jnp.dtype(dtype).name}) ==")
+
+  def mlp(lib):
+    layers = []
+    for _ in range(3):
+      layers += [lib.Dense(d, dtype=dtype), lib.gelu]
+    return fnn.Sequential(layers + [lib.Dense(d, dtype=dtype)])
+
+  for tokens in tokens_list:
+    if bench.out_of_time():
+      return
+    x = _randn(jax.random.key(0), (tokens, d), dtype)
+    params = jax.jit(mlp(fnn).init)(jax.random.key(1), x)
+    u = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+
+    def quad(lib):
+      model = mlp(lib)
+      f = lambda p: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
+      return jax.jit(lambda p, u: jax.jvp(
+          lambda q: jax.jvp(f, (q,), (u,))[1], (p,), (u,)))
+
+    try:
+      q_jet, q_flax = quad(jet_nn), quad(fnn)
+      err = _rel_err(q_jet(params, u), q_flax(params, u))
+      t_jet, t_flax = _time(q_jet, params, u), _time(q_flax, params, u)
+      print(f"  tokens={tokens:<6} cdat_fast.nn {t_jet * 1e3:8.3f} ms  "
+            f"flax {t_flax * 1e3:8.3f} ms  flax/jet {t_flax / t_jet:5.2f}  "
+            f"rel.err {err:.1e}")
+    except Exception as e:  # pylint: disable=broad-except
+      bench.failures.append(f"MLP {tokens}: {type(e).__name__}")
+      print(f"  tokens={tokens:<6} ERROR {type(e).__name__}: "
+            f"{str(e).splitlines()[0]}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--budget", type=float, default=240.0,
+                      help="seconds after which remaining timings are skipped")
+  parser.add_argument("--cpu-smoke", action="store_true",
+                      help="tiny sizes in interpret mode on CPU (tests this "
+                      "script, measures nothing)")
+  parser.add_argument("--verbose", action="store_true")
+  args = parser.parse_args(argv)
+
+  backend = jax.default_backend()
+  if backend != "gpu" and not args.cpu_smoke:
+    print(f"bench/gpu_kernels.py needs a GPU; JAX's default backend is "
+          f"{backend!r}. Nothing to do.")
+    return 0
+
+  kernels = _import_kernels()
+  bench = Bench(args)
+  device = jax.devices()[0]
+  print(f"jax {jax.__version__}, backend {backend}, device "
+        f"{getattr(device, 'device_kind', device)}")
+  if args.cpu_smoke:
+    interpret = True
+    tokens_list, d_list, dtypes = (8, 64, 128), (64, 128), (jnp.float32,)
+    sweep = (64, 128, jnp.float32)
+    mlp_tokens, mlp_d = (64,), 64
+  else:
+    interpret = False
+    tokens_list, d_list = (128, 1024, 8192), (1024, 4096)
+    dtypes = (jnp.bfloat16, jnp.float32)
+    sweep = (1024, 4096, jnp.bfloat16)
+    mlp_tokens, mlp_d = (1024, 8192), 1024
+
+  correctness(bench, kernels, interpret)
+  timing(bench, kernels, interpret, tokens_list, d_list, dtypes)
+  block_sweep(bench, kernels, interpret, *sweep)
+  mlp_section(bench, mlp_tokens, mlp_d, jnp.bfloat16 if not args.cpu_smoke
+              else jnp.float32)
+
+  elapsed = time.perf_counter() - bench.start
+  print(f"\n{elapsed:.0f} s; {bench.skipped} timing(s) skipped for the "
+        f"{args.budget:.0f} s budget.")
+  if bench.failures:
+    print("FAILED: " + "; ".join(bench.failures))
+    return 1
+  print("all correctness checks passed")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,386 @@
+"""Flax layers whose jvp-of-jvp runs through the fused jet kernels.
+
+CDAT needs :math:`u^\\top H u` for :math:`f(w) = \\ell(\\text{model}(w, x))`,
+computed as the second-order term of jvp-of-jvp along the update direction
+:math:`u`::
+
+  jax.jvp(lambda p: jax.jvp(f, (p,), (u,))[1], (params,), (u,))
+
+Here :class:`Dense`, :class:`LayerNorm` and the activations (:func:`relu`,
+:func:`gelu`, :func:`tanh`, :func:`silu`, :func:`jet_activation`) are drop-in
+replacements for their ``flax.linen`` counterparts (same arguments that
+matter, same parameter trees, same values and gradients) whose second-order
+forward pass goes through :func:`~cdat_fast.kernels.dense_jet`,
+:func:`~cdat_fast.kernels.activation_jet` and
+:func:`~cdat_fast.kernels.layer_norm_jet`.
+
+How it is wired. Each layer is an op :math:`y = g(a_1, \\dots, a_k)` (for
+``Dense``: ``(x, kernel, bias)``) with two levels of ``jax.custom_jvp``:
+
+1. ``op(*args)`` evaluates the plain flax formula. Its JVP rule returns
+   ``pair(args, dargs)``.
+2. ``pair(args, dargs) = (y, dy)`` evaluates ``jax.jvp`` of the plain formula,
+   so the first-order pass and reverse mode are exactly flax's: reverse mode
+   linearises ``op``'s rule, and partial evaluation inlines ``pair``'s plain
+   body, which is linear in ``dargs`` and transposes like flax's.
+   ``pair``'s own JVP rule is where the second order happens. When the outer
+   tangents repeat the inner ones (the same objects: ``ẋ is dx``,
+   ``ẇ is dw``, ...; zeros match zeros) and the parameters' second-order
+   tangents are zero, which is what jvp-of-jvp along one direction ``u``
+   produces, it calls the fused kernel once for ``(y, dy, ddy)`` and returns
+   ``dy`` itself as the outer tangent of ``y``, so the next fused layer sees
+   the same repetition. Otherwise it falls back to ``jax.jvp`` of the plain
+   first-order pass, exact in every case.
+
+So the fused path is taken in chains of these layers (an MLP, pre-norm
+stacks of Dense / LayerNorm / activation) when both jvps get the same ``u``
+object. A plain ``jnp`` op between two layers (a residual add, a reshape,
+dropout) produces distinct tracers for the inner and outer tangents, and the
+next layer takes the exact XLA fallback instead; so does passing one
+direction as two separate arguments of a jitted function (they become two
+tracers). Values, gradients, ``jax.jvp``, ``jax.jvp(jax.grad(f))``,
+``jax.grad`` of a jvp and ``jax.vmap`` all work; the fused path needs float
+inputs (what flax layers take).
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from cdat_fast import nn as jet_nn
+  >>> model = jet_nn.Dense(3)
+  >>> x = jnp.ones((2, 4))
+  >>> params = model.init(jax.random.key(0), x)
+  >>> f = lambda p: jnp.sum(model.apply(p, x) ** 2)
+  >>> u = jax.tree.map(jnp.ones_like, params)
+  >>> (f0, df), (_, uhu) = jax.jvp(
+  ...     lambda p: jax.jvp(f, (p,), (u,)), (params,), (u,))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as fnn
+from flax.linen import dtypes as flax_dtypes
+import jax
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+import jax.numpy as jnp
+
+from cdat_fast import kernels
+
+__all__ = [
+    "Dense",
+    "LayerNorm",
+    "gelu",
+    "jet_activation",
+    "relu",
+    "silu",
+    "tanh",
+]
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+# ---------------------------------------------------------------------------
+# The two-level custom_jvp op.
+# ---------------------------------------------------------------------------
+
+
+def _nonzero(t: Any) -> bool:
+  """Whether a tangent slot holds a (possibly) non-zero array."""
+  return t is not None and not isinstance(t, SymbolicZero)
+
+
+def _jvp_present(fn: Callable[..., Any], primals: Sequence[Any],
+                 tangents: Sequence[Any]):
+  """``jax.jvp(fn, primals, tangents)`` differentiating only non-zero slots.
+
+  ``primals`` may hold None (an absent argument, e.g. no bias); ``tangents``
+  may hold None or ``SymbolicZero`` for zero tangents.
+  """
+  idx = [i for i, t in enumerate(tangents) if _nonzero(t)]
+  if not idx:
+    out = fn(*primals)
+    return out, jax.tree.map(jnp.zeros_like, out)
+
+  def restricted(*values):
+    full = list(primals)
+    for i, v in zip(idx, values):
+      full[i] = v
+    return fn(*full)
+
+  return jax.jvp(restricted, tuple(primals[i] for i in idx),
+                 tuple(tangents[i] for i in idx))
+
+
+def _repeats_inner_direction(args, dargs, targs, tdargs) -> bool:
+  """Whether the outer tangents repeat the inner ones (jvp-of-jvp along u).
+
+  Requires, for every present argument: outer tangent ``is`` inner tangent
+  (or both zero), and for every argument but the first (the activations
+  ``x``) a zero second-order tangent. Identity, not equality, so the test is
+  free at trace time and never wrong.
+  """
+  for i, (a, d, t, td) in enumerate(zip(args, dargs, targs, tdargs)):
+    if a is None:
+      continue
+    if d is None:
+      if _nonzero(t):
+        return False
+    elif t is not d:
+      return False
+    elif i > 0 and _nonzero(td):
+      return False
+  return True
+
+
+def _jet_op(plain_fn: Callable[..., Array],
+            fused_fn: Callable[..., tuple[Array, Array, Array]] | None):
+  """Wraps ``plain_fn(*args)`` so that jvp-of-jvp goes through ``fused_fn``.
+
+  Args:
+    plain_fn: the layer's formula, ``plain_fn(*args) -> y``; args may be None.
+    fused_fn: ``fused_fn(args, dargs, ddx) -> (y, dy, ddy)`` for the repeated-
+      direction case (``dargs`` entries and ``ddx`` may be None for zero), or
+      None to always use the exact XLA fallback.
+
+  Returns:
+    A ``jax.custom_jvp`` function with the signature of ``plain_fn``.
+  """
+
+  def first_order(args, dargs):
+    return _jvp_present(plain_fn, args, dargs)
+
+  pair = jax.custom_jvp(first_order)
+
+  def pair_jvp(primals, tangents):
+    (args, dargs), (targs, tdargs) = primals, tangents
+    if (fused_fn is not None and
+        _repeats_inner_direction(args, dargs, targs, tdargs)):
+      ddx = tdargs[0] if _nonzero(tdargs[0]) else None
+      dtype = jax.eval_shape(plain_fn, *args).dtype
+      y, dy, ddy = (v.astype(dtype) for v in fused_fn(args, dargs, ddx))
+      return (y, dy), (dy, ddy)
+    n = len(args)
+    return _jvp_present(lambda *a: first_order(a[:n], a[n:]),
+                        tuple(args) + tuple(dargs),
+                        tuple(targs) + tuple(tdargs))
+
+  pair.defjvp(pair_jvp, symbolic_zeros=True)
+
+  op = jax.custom_jvp(plain_fn)
+
+  def op_jvp(primals, tangents):
+    dargs = tuple(t if _nonzero(t) else None for t in tangents)
+    return pair(tuple(primals), dargs)
+
+  op.defjvp(op_jvp, symbolic_zeros=True)
+  return op
+
+
+# ---------------------------------------------------------------------------
+# Dense.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_op(precision, dtype, fused: bool):
+  """The op ``x @ kernel + bias`` with flax's dtype promotion and contraction.
+
+  The promotion happens inside the op, so the op sees the parameters
+  themselves (and their tangents), whatever ``dtype`` is.
+  """
+
+  def dense(x, kernel, bias):
+    x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    y = lax.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+  def dense_fused(args, dargs, ddx):
+    target = flax_dtypes.canonicalize_dtype(*args, dtype=dtype)
+    x, kernel, bias, dx, dkernel, dbias, ddx = (
+        None if a is None else a.astype(target) for a in (*args, *dargs, ddx))
+    return kernels.dense_jet(x, kernel, bias, dx, dkernel, dbias, ddx,
+                             precision=precision)
+
+  return _jet_op(dense, dense_fused if fused else None)
+
+
+class Dense(fnn.Module):
+  """Drop-in for ``flax.linen.Dense`` with a fused second-order forward pass.
+
+  .. math:: y = x W + b
+
+  Parameters ``{"kernel": (in, features), "bias": (features,)}`` as in flax.
+  Values and gradients are flax's; jvp-of-jvp along one direction runs
+  :func:`~cdat_fast.kernels.dense_jet` (see the module docstring).
+
+  Attributes:
+    features: number of output features.
+    use_bias: whether to add a bias.
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: dtype of the parameters.
+    precision: ``lax.dot_general`` precision (also used inside the kernel).
+    kernel_init: initializer of the kernel.
+    bias_init: initializer of the bias.
+    fused: route jvp-of-jvp through the fused kernel (False: plain XLA).
+  """
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = fnn.initializers.lecun_normal()
+  bias_init: Initializer = fnn.initializers.zeros_init()
+  fused: bool = True
+
+  @fnn.compact
+  def __call__(self, inputs: Array) -> Array:
+    kernel = self.param("kernel", self.kernel_init,
+                        (jnp.shape(inputs)[-1], self.features),
+                        self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,),
+                        self.param_dtype)
+    op = _dense_op(self.precision, self.dtype, self.fused)
+    return op(inputs, kernel, bias)
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_norm_op(epsilon: float, dtype, use_fast_variance: bool,
+                   fused: bool):
+  """flax's layer norm over the last axis, as one op of (x, scale, bias)."""
+
+  def layer_norm(x, scale, bias):
+    # Mirrors flax.linen.normalization._compute_stats and _normalize.
+    stat_dtype = jnp.promote_types(
+        jnp.result_type(x) if dtype is None else dtype, jnp.float32)
+    xs = x.astype(stat_dtype)
+    mu = xs.mean(-1)
+    if use_fast_variance:
+      var = jnp.maximum(0.0, lax.square(xs).mean(-1) - lax.square(mu))
+    else:
+      var = lax.square(xs - mu[..., None]).mean(-1)
+    y = x - mu[..., None]
+    mul = lax.rsqrt(var[..., None] + epsilon)
+    feature_shape = (1,) * (x.ndim - 1) + (x.shape[-1],)
+    dtype_args = [x]
+    if scale is not None:
+      mul *= scale.reshape(feature_shape)
+      dtype_args.append(scale)
+    y *= mul
+    if bias is not None:
+      y += bias.reshape(feature_shape)
+      dtype_args.append(bias)
+    return jnp.asarray(y, flax_dtypes.canonicalize_dtype(*dtype_args,
+                                                         dtype=dtype))
+
+  def layer_norm_fused(args, dargs, ddx):
+    return kernels.layer_norm_jet(*args, *dargs, ddx, epsilon=epsilon)
+
+  return _jet_op(layer_norm, layer_norm_fused if fused else None)
+
+
+class LayerNorm(fnn.Module):
+  """Drop-in for ``flax.linen.LayerNorm`` (last axis) with a fused jet.
+
+  .. math:: y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\gamma + \\beta
+
+  Parameters ``{"scale": (n,), "bias": (n,)}`` as in flax; statistics in
+  float32 (flax's ``force_float32_reductions=True``) over the last axis only
+  (flax's default ``reduction_axes=feature_axes=-1``). jvp-of-jvp along one
+  direction runs :func:`~cdat_fast.kernels.layer_norm_jet`, whose variance is
+  two-pass; flax's fast variance ``E[x²] - E[x]²`` differs from it only by
+  rounding.
+
+  Attributes:
+    epsilon: added to the variance.
+    dtype: output dtype (default: inferred from inputs and params).
+    param_dtype: dtype of the parameters.
+    use_bias: whether to add :math:`\\beta`.
+    use_scale: whether to multiply by :math:`\\gamma`.
+    bias_init: initializer of the bias.
+    scale_init: initializer of the scale.
+    use_fast_variance: flax's variance formula for the plain path.
+    fused: route jvp-of-jvp through the fused kernel (False: plain XLA).
+  """
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = fnn.initializers.zeros
+  scale_init: Initializer = fnn.initializers.ones
+  use_fast_variance: bool = True
+  fused: bool = True
+
+  @fnn.compact
+  def __call__(self, x: Array) -> Array:
+    n = jnp.shape(x)[-1]
+    scale = None
+    bias = None
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, (n,), self.param_dtype)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (n,), self.param_dtype)
+    op = _layer_norm_op(float(self.epsilon), self.dtype,
+                        self.use_fast_variance, self.fused)
+    return op(x, scale, bias)
+
+
+# ---------------------------------------------------------------------------
+# Activations.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def jet_activation(name: str, fused: bool = True) -> Callable[[Array], Array]:
+  """An elementwise activation whose jvp-of-jvp runs ``activation_jet``.
+
+  Args:
+    name: ``"relu"``, ``"gelu"`` (tanh approximation, flax's ``nn.gelu``
+      default), ``"tanh"`` or ``"silu"``.
+    fused: route jvp-of-jvp through the fused kernel (False: plain XLA).
+
+  Returns:
+    ``f(x)`` with the values and derivatives of ``kernels.ACTIVATIONS[name]``.
+  """
+  if name not in kernels.ACTIVATIONS:
+    raise ValueError(
+        f"name must be one of {sorted(kernels.ACTIVATIONS)}, got {name!r}")
+  plain = kernels.ACTIVATIONS[name]
+
+  def activation(x):
+    return plain(x)
+
+  activation.__name__ = name
+
+  def activation_fused(args, dargs, ddx):
+    (x,), (dx,) = args, dargs
+    if dx is None:  # Zero first-order tangent: only ddx moves y.
+      dx = jnp.zeros_like(x)
+    return kernels.activation_jet(x, dx, ddx, activation=name)
+
+  op = _jet_op(activation, activation_fused if fused else None)
+
+  @functools.wraps(activation)
+  def f(x: Array) -> Array:
+    return op(x)
+
+  return f
+
+
+relu = jet_activation("relu")
+gelu = jet_activation("gelu")
+tanh = jet_activation("tanh")
+silu = jet_activation("silu")

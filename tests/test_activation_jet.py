@@ -1,0 +1,81 @@
+"""Tests for kernels/activation_jet.py: the Pallas kernel vs jvp-of-jvp refs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdat_fast.kernels import ACTIVATIONS
+from cdat_fast.kernels import activation_jet
+from cdat_fast.kernels import activation_jet_reference as _reference
+
+# Jitted: eager dispatch of the reference's many small ops is slow.
+activation_jet_reference = jax.jit(_reference, static_argnames="activation")
+
+SHAPE = (3, 37, 19)  # 2109 elements: not a multiple of the 128-lane rows.
+# gelu's f'' at |x| ~ 5-9 cancels in float32: the kernel and the autodiff
+# reference both sit ~1e-4 from a float64 evaluation there.
+ATOL = {"gelu": 3e-4}
+
+
+def _inputs(seed, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)  # numpy's generator compiles nothing.
+  x = 3.0 * rng.standard_normal(SHAPE)  # Covers both tails of each f.
+  dx, ddx = rng.standard_normal((2,) + SHAPE)
+  return tuple(jnp.asarray(a, jnp.float32).astype(dtype) for a in (x, dx, ddx))
+
+
+def _assert_close(actual, expected, rtol, atol):
+  for a, e in zip(actual, expected):
+    assert a.shape == e.shape and a.dtype == e.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_matches_reference(activation):
+  x, dx, ddx = _inputs(0)
+  out = activation_jet(x, dx, ddx, activation=activation, interpret=True,
+                       block_rows=8)  # Several tiles plus a padded one.
+  ref = activation_jet_reference(x, dx, ddx, activation=activation)
+  _assert_close(out, ref, rtol=1e-5, atol=ATOL.get(activation, 1e-5))
+  np.testing.assert_allclose(out[0], ACTIVATIONS[activation](x), rtol=1e-6,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_without_second_order_input(activation):
+  x, dx, _ = _inputs(1)
+  out = activation_jet(x, dx, None, activation=activation, interpret=True)
+  ref = activation_jet_reference(x, dx, jnp.zeros_like(x),
+                                 activation=activation)
+  _assert_close(out, ref, rtol=1e-5, atol=ATOL.get(activation, 1e-5))
+
+
+def test_bf16_inputs():
+  x, dx, ddx = _inputs(2, jnp.bfloat16)
+  out = activation_jet(x, dx, ddx, activation="silu", interpret=True)
+  assert all(o.dtype == jnp.bfloat16 for o in out)
+  ref = activation_jet_reference(*(a.astype(jnp.float32) for a in (x, dx, ddx)),
+                                 activation="silu")
+  _assert_close([o.astype(jnp.float32) for o in out], ref, rtol=2e-2,
+                atol=2e-2)
+
+
+def test_jvp_of_kernel_with_zero_tangent():
+  x, dx, ddx = _inputs(3)
+  tx, tdx, _ = _inputs(4)
+  fn = lambda a, b, c: activation_jet(a, b, c, activation="gelu",
+                                      interpret=True)
+  ref = lambda a, b, c: activation_jet_reference(a, b, c, activation="gelu")
+  tangents = (tx, tdx, jnp.zeros_like(ddx))
+  out, tan = jax.jvp(fn, (x, dx, ddx), tangents)
+  ref_out, ref_tan = jax.jvp(ref, (x, dx, ddx), tangents)
+  _assert_close(out, ref_out, rtol=1e-5, atol=ATOL["gelu"])
+  _assert_close(tan, ref_tan, rtol=1e-4, atol=1e-3)
+
+
+def test_rejects_unknown_activation():
+  x, dx, ddx = _inputs(5)
+  with pytest.raises(ValueError, match="activation"):
+    activation_jet(x, dx, ddx, activation="softplus", interpret=True)

@@ -1,0 +1,278 @@
+"""Tests for cdat_fast/nn.py: the jet layers against plain flax.linen models.
+
+Same parameters, loss, gradient, jvp-of-jvp (the CDAT quadratic form uᵀHu) and
+forward-over-reverse HVP; the fused kernels must actually be on the
+jvp-of-jvp path, and the exact fallback must take over when the two
+directions differ.
+"""
+
+import flax.linen as nn
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdat_fast import nn as jet_nn
+
+RTOL, ATOL = 2e-5, 2e-5
+
+
+class MLP(nn.Module):
+  """Dense-relu-LayerNorm-Dense-gelu-Dense-tanh-Dense from one layer set."""
+  jet: bool
+  features: tuple[int, ...] = (13, 11, 7, 3)
+
+  @nn.compact
+  def __call__(self, x):
+    lib = jet_nn if self.jet else nn
+    dense, norm = lib.Dense, lib.LayerNorm
+    x = lib.relu(dense(self.features[0])(x))
+    x = norm()(x)
+    x = lib.gelu(dense(self.features[1])(x))
+    x = lib.tanh(dense(self.features[2], use_bias=False)(x))
+    return dense(self.features[3])(x)
+
+
+def _tree_allclose(a, b, rtol=RTOL, atol=ATOL):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
+
+
+def _normal(seed, shape, scale=1.0):
+  # numpy: no per-shape compilation of JAX's PRNG, which dominates small tests.
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+
+def _perturb(tree, seed, scale=1.0):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten([
+      _normal((seed, i), l.shape, scale).astype(l.dtype)
+      for i, l in enumerate(leaves)])
+
+
+def _shift(tree, seed, scale=1.0):
+  """Moves parameters off their initial values (zero biases, unit scales)."""
+  return jax.tree.map(lambda a, d: a + d, tree, _perturb(tree, seed, scale))
+
+
+def _jvp_of_jvp(f, params, u, v):
+  """(f, D f[u], D f[v], D² f[u, v]) by forward-over-forward."""
+  (f0, du), (dv, duv) = jax.jvp(lambda p: jax.jvp(f, (p,), (u,)),
+                                (params,), (v,))
+  return f0, du, dv, duv
+
+
+def _quad(f):
+  """(p, u) -> jvp-of-jvp along u twice: the CDAT call, one ``u`` object.
+
+  Passing the same direction as two arguments of a jitted function would give
+  two distinct tracers, and the layers would (correctly) take the exact
+  fallback instead of the fused kernels.
+  """
+  return lambda p, u: _jvp_of_jvp(f, p, u, u)
+
+
+def _jit_quad(f, params, u):
+  return jax.jit(_quad(f))(params, u)
+
+
+def _jit_jvp_of_jvp(f, params, u, v):
+  return jax.jit(lambda p, u, v: _jvp_of_jvp(f, p, u, v))(params, u, v)
+
+
+def _pallas_calls(fn, *args):
+  """Names of the pallas_call kernels in fn's jaxpr (nested ones included)."""
+  names = []
+
+  def walk(jaxpr):
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        names.append(str(eqn.params.get("name")))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None),
+                                             "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args))
+  return names
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+  x = _normal(0, (2, 9, 5))
+  target = _normal(1, (2, 9, 3))
+  params = jax.jit(MLP(jet=False).init)(jax.random.key(2), x)
+  # Move off the initial zeros/ones of biases and LayerNorm parameters.
+  params = _shift(params, 3, 0.3)
+
+  def loss(model):
+    return lambda p: jnp.mean((model.apply(p, x) - target) ** 2)
+
+  return dict(params=params, plain=loss(MLP(jet=False)),
+              jet=loss(MLP(jet=True)), u=_perturb(params, 4),
+              v=_perturb(params, 5))
+
+
+def test_dense_matches_flax():
+  """Two stacked Dense layers: the second sees dx ≠ 0, so ddy has 2·dx·dW."""
+  x = _normal(10, (2, 7, 19))
+
+  def model(lib):
+    return nn.Sequential([lib.Dense(53), lib.Dense(5, use_bias=False)])
+
+  params = jax.jit(model(nn).init)(jax.random.key(11), x)
+  # Same initialisers, names and shapes: the parameter trees coincide.
+  _tree_allclose(jax.jit(model(jet_nn).init)(jax.random.key(11), x), params,
+                 0, 0)
+  params = _shift(params, 12)
+  u = _perturb(params, 13)
+  # A linear read-out: the curvature is the layers' own 2·dx·dW term.
+  c = _normal(14, (2, 7, 5))
+  f_flax = lambda p: jnp.sum(c * model(nn).apply(p, x))
+  f_jet = lambda p: jnp.sum(c * model(jet_nn).apply(p, x))
+  np.testing.assert_allclose(model(jet_nn).apply(params, x),
+                             model(nn).apply(params, x), rtol=0, atol=0)
+  _tree_allclose(jax.grad(f_jet)(params), jax.grad(f_flax)(params),
+                 rtol=1e-6, atol=1e-6)
+  # Eagerly (no jit): the fused path must work outside jit too.
+  np.testing.assert_allclose(_jvp_of_jvp(f_jet, params, u, u),
+                             _jvp_of_jvp(f_flax, params, u, u), rtol=1e-4)
+  assert _pallas_calls(_quad(f_jet), params, u) == ["dense_jet"] * 2
+
+
+def test_layer_norm_matches_flax():
+  x = 1.0 + 2.0 * _normal(20, (3, 4, 53))
+  flax_norm, jet_norm = nn.LayerNorm(), jet_nn.LayerNorm()
+  params = flax_norm.init(jax.random.key(21), x)
+  _tree_allclose(jet_norm.init(jax.random.key(21), x), params, 0, 0)
+  params = _shift(params, 22)
+  u = _perturb(params, 23)
+  w = _normal(24, x.shape)
+  f_flax = lambda p: jnp.sum(w * jnp.tanh(flax_norm.apply(p, x)))
+  f_jet = lambda p: jnp.sum(w * jnp.tanh(jet_norm.apply(p, x)))
+  np.testing.assert_allclose(jet_norm.apply(params, x),
+                             flax_norm.apply(params, x), rtol=1e-6,
+                             atol=1e-6)
+  _tree_allclose(jax.grad(f_jet)(params), jax.grad(f_flax)(params),
+                 rtol=1e-5, atol=1e-5)
+  assert _pallas_calls(_quad(f_jet), params, u) == ["layer_norm_jet"]
+  np.testing.assert_allclose(_jvp_of_jvp(f_jet, params, u, u),
+                             _jvp_of_jvp(f_flax, params, u, u), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_mlp_loss_and_gradient_match_flax(mlp_problem):
+  p = mlp_problem["params"]
+  value_and_grad = lambda f: jax.jit(jax.value_and_grad(f))(p)
+  (f_jet, g_jet), (f_plain, g_plain) = map(
+      value_and_grad, (mlp_problem["jet"], mlp_problem["plain"]))
+  np.testing.assert_allclose(f_jet, f_plain, rtol=1e-6)
+  _tree_allclose(g_jet, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_jvp_of_jvp_matches_flax_and_is_fused(mlp_problem):
+  p, u = mlp_problem["params"], mlp_problem["u"]
+  jet = _jit_quad(mlp_problem["jet"], p, u)
+  plain = _jit_quad(mlp_problem["plain"], p, u)
+  np.testing.assert_allclose(jet, plain, rtol=1e-4, atol=1e-6)
+  assert abs(float(plain[3])) > 1e-3  # A non-trivial curvature to compare.
+  # Every layer's second-order pass ran its fused kernel.
+  names = _pallas_calls(_quad(mlp_problem["jet"]), p, u)
+  assert sorted(names) == sorted(
+      ["dense_jet"] * 4 + ["layer_norm_jet", "activation_jet_relu",
+                           "activation_jet_gelu", "activation_jet_tanh"])
+
+
+def test_mlp_different_directions_take_exact_fallback(mlp_problem):
+  p, u, v = mlp_problem["params"], mlp_problem["u"], mlp_problem["v"]
+  jet = _jit_jvp_of_jvp(mlp_problem["jet"], p, u, v)
+  plain = _jit_jvp_of_jvp(mlp_problem["plain"], p, u, v)
+  np.testing.assert_allclose(jet, plain, rtol=1e-4, atol=1e-6)
+  assert not _pallas_calls(
+      lambda p, u, v: _jvp_of_jvp(mlp_problem["jet"], p, u, v), p, u, v)
+
+
+def test_mlp_hvp_and_reverse_over_forward_match_flax(mlp_problem):
+  p, u = mlp_problem["params"], mlp_problem["u"]
+  f_jet, f_plain = mlp_problem["jet"], mlp_problem["plain"]
+  # Forward-over-reverse Hessian-vector product.
+  hvp = lambda f: jax.jit(lambda p, u: jax.jvp(jax.grad(f), (p,), (u,))[1])
+  _tree_allclose(hvp(f_jet)(p, u), hvp(f_plain)(p, u), rtol=1e-4, atol=1e-5)
+  # Reverse-over-forward: the gradient of the directional derivative.
+  dir_grad = lambda f: jax.jit(
+      jax.grad(lambda q, u: jax.jvp(f, (q,), (u,))[1]))
+  _tree_allclose(dir_grad(f_jet)(p, u), dir_grad(f_plain)(p, u), rtol=1e-4,
+                 atol=1e-5)
+
+
+def test_mixed_precision_mlp_is_fused():
+  """bf16 compute on float32 parameters: casts inside the op keep fusion."""
+  x = _normal(50, (16, 24))
+
+  def model(lib, dtype=jnp.bfloat16):
+    return nn.Sequential([lib.Dense(32, dtype=dtype), lib.silu,
+                          lib.Dense(8, dtype=dtype)])
+
+  params = jax.jit(model(nn).init)(jax.random.key(51), x)
+  u = _perturb(params, 52)
+  f = lambda lib, dtype=jnp.bfloat16: lambda p: jnp.mean(
+      jnp.square(model(lib, dtype).apply(p, x).astype(jnp.float32)))
+  assert sorted(_pallas_calls(_quad(f(jet_nn)), params, u)) == [
+      "activation_jet_silu", "dense_jet", "dense_jet"]
+  # Both bf16 runs (fused kernels, flax) sit within bf16 error of float32.
+  exact = _jit_quad(f(nn, jnp.float32), params, u)
+  np.testing.assert_allclose(_jit_quad(f(jet_nn), params, u), exact,
+                             rtol=5e-2)
+  np.testing.assert_allclose(_jit_quad(f(nn), params, u), exact, rtol=5e-2)
+  _tree_allclose(jax.jit(jax.grad(f(jet_nn)))(params),
+                 jax.jit(jax.grad(f(nn)))(params), rtol=1e-6, atol=1e-6)
+
+
+def test_unfused_layers_match_fused():
+  """``fused=False`` keeps the plain XLA path and the same numbers."""
+  x = _normal(30, (4, 5))
+  model = lambda fused: nn.Sequential([
+      jet_nn.Dense(6, fused=fused), jet_nn.jet_activation("silu", fused),
+      jet_nn.LayerNorm(fused=fused), jet_nn.Dense(2, fused=fused)])
+  params = jax.jit(model(True).init)(jax.random.key(31), x)
+  u = _perturb(params, 32)
+  f = lambda fused: lambda q: jnp.sum(model(fused).apply(q, x) ** 2)
+  assert not _pallas_calls(_quad(f(False)), params, u)
+  assert len(_pallas_calls(_quad(f(True)), params, u)) == 4
+  np.testing.assert_allclose(_jit_quad(f(True), params, u),
+                             _jit_quad(f(False), params, u),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_quadratic_form_matches_explicit_hessian():
+  """uᵀHu by jvp-of-jvp equals uᵀ (∇²f) u with the dense Hessian."""
+  x = _normal(40, (6, 3))
+  target = _normal(41, (6, 2))
+
+  def model(lib):
+    return nn.Sequential([lib.Dense(4), lib.tanh, lib.LayerNorm(),
+                          lib.Dense(2)])
+
+  params = jax.jit(model(nn).init)(jax.random.key(42), x)
+  params = _shift(params, 43, 0.3)
+  flat, unravel = ravel_pytree(params)
+  u_flat = _normal(44, flat.shape)
+  f_plain = lambda w: jnp.mean((model(nn).apply(unravel(w), x) - target) ** 2)
+  f_jet = lambda p: jnp.mean((model(jet_nn).apply(p, x) - target) ** 2)
+  hessian = jax.jit(jax.hessian(f_plain))(flat)
+  expected = u_flat @ hessian @ u_flat
+  u = unravel(u_flat)
+  assert len(_pallas_calls(_quad(f_jet), params, u)) == 4
+  _, _, _, quad = _jit_quad(f_jet, params, u)
+  np.testing.assert_allclose(quad, expected, rtol=1e-4)
+
+
+def test_jet_activation_rejects_unknown_name():
+  with pytest.raises(ValueError, match="name"):
+    jet_nn.jet_activation("softplus")
