@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdat_fast import checks
+from cdat_fast import checks, treemath
 
 PyTree = Any
 
@@ -146,7 +146,7 @@ def _power_iteration(op, v0, num_iters, rtol):
   def body(carry):
     i, v, lam_prev, _ = carry
     w = op(v)
-    lam = optax.tree.vdot(v, w).real
+    lam = treemath.vdot(v, w).real
     w, norm = _normalize(w)
     converged = jnp.abs(lam - lam_prev) <= rtol * jnp.abs(lam)
     done = jnp.logical_or(converged, norm == 0)
@@ -174,11 +174,12 @@ def _lanczos(op, v0, num_iters):
     basis, alphas, betas = carry
     v = row(basis, j)
     w = op(v)
-    alpha = optax.tree.vdot(w, v).real
+    alpha = treemath.vdot(w, v).real
     # Full reorthogonalisation against all previous vectors (twice is enough).
     for _ in range(2):
+      # Contract in place (no reshape), so sharded leaves stay sharded.
       coeffs = sum(
-          jnp.tensordot(b.reshape(m + 1, -1), x.reshape(-1), axes=1)
+          jnp.tensordot(b, x, axes=x.ndim)
           for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
       coeffs = jnp.where(jnp.arange(m + 1) <= j, coeffs, 0)
       w = jax.tree.map(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdat_fast import checks
+from cdat_fast import checks, treemath
 from cdat_fast.objective import bind_objective
 from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
@@ -62,7 +62,7 @@ def scale_by_hypergradient(
     prev = state.previous_direction
     norms = optax.tree.norm(grad) * optax.tree.norm(prev)
     cosine = jnp.where(
-        norms > 0, optax.tree.vdot(grad, prev) / jnp.where(norms > 0, norms, 1),
+        norms > 0, treemath.vdot(grad, prev) / jnp.where(norms > 0, norms, 1),
         0.0).astype(dtype)
     eta = jnp.where(state.count > 0,
                     state.learning_rate * (1 - jnp.asarray(beta, dtype) * cosine),

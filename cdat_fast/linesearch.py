@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdat_fast import checks
+from cdat_fast import checks, treemath
 from cdat_fast.objective import bind_objective
 from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
@@ -83,7 +83,7 @@ def scale_by_backtracking_linesearch(
       value0, slope = jax.jvp(objective, (params,), (updates,))
       value = value0 if value is None else value
     else:
-      slope = optax.tree.vdot(grad, updates)
+      slope = treemath.vdot(grad, updates)
       value = objective(params) if value is None else value
     value = jnp.asarray(value, dtype)
     slope = jnp.asarray(slope, dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdat_fast import checks
+from cdat_fast import checks, treemath
 from cdat_fast.objective import bind_objective
 from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
@@ -57,7 +57,7 @@ def scale_by_polyak(
       value = v if value is None else value
       grad = g if grad is None else grad
     gap = jnp.asarray(value, dtype) - jnp.asarray(f_min, dtype)
-    sq_norm = jnp.asarray(optax.tree.vdot(grad, grad), dtype)
+    sq_norm = jnp.asarray(treemath.vdot(grad, grad), dtype)
     safe = jnp.where(sq_norm > 0, sq_norm, jnp.ones_like(sq_norm))
     eta = jnp.where(sq_norm > 0, jnp.maximum(gap, 0.0) / safe,
                     jnp.zeros_like(gap))
