@@ -61,6 +61,7 @@ class TrainConfig:
   track_alignment: bool = False
   divergence_factor: float = 1e3  # stop when loss > factor × initial loss
   checkpoint_every: int = 0  # 0: no checkpoints
+  mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: one device
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def validate(self) -> None:
@@ -176,6 +177,10 @@ class Trainer:
     loss_fn = self.loss_fn
     self.curvature_fn = (loss_fn if k is None else
                          (lambda p, batch: loss_fn(p, _first(batch, k))))
+    self.mesh = None
+    if cfg.mesh:
+      from cdat_fast.sharding import make_mesh
+      self.mesh = make_mesh(cfg.mesh)
     self._chunk = jax.jit(self._chunk_impl, static_argnames=("length",),
                           donate_argnums=(0,))
     self._sharpness = jax.jit(self._sharpness_impl)
@@ -234,11 +239,35 @@ class Trainer:
 
   # -- the run ---------------------------------------------------------------
 
+  def _place(self, batch, stacked=False):
+    """Device arrays; with a mesh, split over ``data``×``fsdp`` (axis 1 if stacked)."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, batch)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from cdat_fast.sharding import shard_batch
+    if not stacked:
+      return shard_batch(batch, self.mesh)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    out = {}
+    for k, x in batch.items():
+      if x.shape[1] % shards:
+        raise ValueError(f"batch_size={x.shape[1]} is not divisible by the"
+                         f" {shards} batch shards of mesh {self.cfg.mesh!r}")
+      spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
+      out[k] = jax.device_put(x, NamedSharding(self.mesh, spec))
+    return out
+
   def init(self):
     cfg, ds = self.cfg, self.dataset
     key = jax.random.PRNGKey(cfg.seed)
     params = init_params(self.model, key, jnp.asarray(ds.x_train[:1]))
-    state = self.optimizer.init(params)
+    if self.mesh is not None:
+      from cdat_fast.sharding import shard_params, state_shardings
+      params = shard_params(params, self.mesh)
+      state = self.optimizer.init(params)
+      state = jax.device_put(state, state_shardings(state, params, self.mesh))
+    else:
+      state = self.optimizer.init(params)
     prev_u = optax.tree.zeros_like(params) if cfg.track_alignment else ()
     carry = (params, state, prev_u, jnp.zeros([], jnp.int32))
     # Fresh buffers: the carry is donated, and init may share constants.
@@ -258,7 +287,7 @@ class Trainer:
     carry = self.init()
     stream = (BatchStream(ds, cfg.batch_size, cfg.seed)
               if cfg.batch_size is not None else None)
-    full = jax.tree.map(jnp.asarray, {"x": ds.x_train, "y": ds.y_train})
+    full = self._place({"x": ds.x_train, "y": ds.y_train})
     probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
     test = None
     if ds.x_test is not None and len(ds.x_test):
@@ -296,8 +325,8 @@ class Trainer:
           batch = full
         else:
           chunk = [next(stream) for _ in range(length)]
-          batch = {k: jnp.asarray(np.stack([b[k] for b in chunk]))
-                   for k in ("x", "y")}
+          batch = self._place({k: np.stack([b[k] for b in chunk])
+                               for k in ("x", "y")}, stacked=True)
         carry, metrics = self._chunk(carry, batch, length=length)
         metrics = jax.device_get(metrics)
         for k, v in metrics.items():

@@ -112,3 +112,24 @@ def test_bad_optimizer_names_the_field():
     build_optimizer(OptimizerConfig(tuner="magic"), 10)
   with pytest.raises(ValueError, match="learning_rate"):
     build_optimizer(OptimizerConfig(tuner="constant", learning_rate=-1.0), 10)
+
+
+@pytest.mark.multidevice
+def test_mesh_run_matches_single_device(tmp_path):
+  """``--mesh data=4,fsdp=2`` on 8 fake CPU devices, in a subprocess."""
+  import os
+  import subprocess
+  import sys
+  args = ["-m", "cdat_fast.cli", "train", "--subset", "128", "--width", "16",
+          "--depth", "1", "--steps", "6", "--log-every", "3", "--batch-size",
+          "32", "--ema", "0.9", "--quiet"]
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  for name, extra in (("mesh", ["--mesh", "data=4,fsdp=2"]), ("one", [])):
+    subprocess.run([sys.executable, *args, *extra, "--out",
+                    str(tmp_path / name)], env=env, check=True, timeout=300,
+                   capture_output=True)
+  a = np.load(tmp_path / "mesh" / "history.npz")
+  b = np.load(tmp_path / "one" / "history.npz")
+  np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  np.testing.assert_allclose(a["learning_rate"], b["learning_rate"], rtol=1e-5)
