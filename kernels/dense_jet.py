@@ -34,10 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-try:
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover - depends on the jaxlib build.
-  pltriton = None
+from .lowering import compiler_params as _compiler_params
+from .lowering import default_interpret as _default_interpret
+from .lowering import next_power_of_2 as _next_power_of_2
 
 __all__ = ["dense_jet", "dense_jet_reference"]
 
@@ -53,33 +52,11 @@ class _Config(NamedTuple):
   precision: lax.PrecisionLike
 
 
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, (int(n) - 1).bit_length())
-
 
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _default_interpret() -> bool:
-  """Interpret mode where no compiler backend for Pallas is wanted: on CPU."""
-  return jax.default_backend() == "cpu"
-
-
-def _compiler_params(interpret: bool, num_warps, num_stages):
-  """Selects the Triton lowering on GPU; None elsewhere.
-
-  Since JAX 0.10 the default GPU lowering of ``pallas_call`` is Mosaic GPU
-  (``jax_pallas_use_mosaic_gpu``), a different programming model (warpgroup
-  matmuls, explicit memory spaces) that these generic block kernels are not
-  written for; Triton compiler parameters select the Triton lowering, which
-  takes them as they are. Interpret mode and other backends get None.
-  """
-  if interpret or jax.default_backend() != "gpu":
-    return None
-  if pltriton is None:  # pragma: no cover
-    return None
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _block(size: int, block: int, minimum: int = 16) -> int:

@@ -47,10 +47,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-try:
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover - depends on the jaxlib build.
-  pltriton = None
+from .lowering import compiler_params as _compiler_params
+from .lowering import default_interpret as _default_interpret
+from .lowering import next_power_of_2 as _next_power_of_2
 
 __all__ = ["layer_norm_jet", "layer_norm_jet_reference"]
 
@@ -65,21 +64,7 @@ class _Config(NamedTuple):
   num_warps: int | None
 
 
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, (int(n) - 1).bit_length())
 
-
-def _default_interpret() -> bool:
-  return jax.default_backend() == "cpu"
-
-
-def _compiler_params(interpret: bool, num_warps):
-  """Triton lowering on GPU (the default Mosaic GPU lowers less); else None."""
-  if interpret or jax.default_backend() != "gpu":
-    return None
-  if pltriton is None:  # pragma: no cover
-    return None
-  return pltriton.CompilerParams(num_warps=num_warps)
 
 
 def _layer_norm_jet_kernel(*refs, names, n, epsilon):
