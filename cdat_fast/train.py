@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cdat_fast import checks
+from cdat_fast import checks, treemath
 from cdat_fast.curvature import preconditioner_from_state, sharpness
 from cdat_fast.data import Dataset, batches, load_dataset
 from cdat_fast.losses import accuracy, make_loss_fn
@@ -212,7 +212,7 @@ class Trainer:
     if self.cfg.track_alignment:
       norms = optax.tree.norm(updates) * optax.tree.norm(prev_u)
       metrics["update_cosine"] = jnp.where(
-          norms > 0, optax.tree.vdot(updates, prev_u) / jnp.where(
+          norms > 0, treemath.vdot(updates, prev_u) / jnp.where(
               norms > 0, norms, 1.0), 0.0).astype(jnp.float32)
       prev_u = updates
     params = optax.apply_updates(params, updates)
@@ -349,7 +349,7 @@ class Trainer:
           if cfg.track_alignment:
             u = carry[2]
             nu = float(optax.tree.norm(u))
-            record["alignment"] = (abs(float(optax.tree.vdot(u, eigvec))) / nu
+            record["alignment"] = (abs(float(treemath.vdot(u, eigvec))) / nu
                                    if nu > 0 else 0.0)
         records.append(record)
         writer.record(record)

@@ -12,6 +12,21 @@ import pytest
 
 import cdat_fast
 
+
+
+def _gauss_newton_from_value_fn(opt):
+  """Gauss–Newton CDAT fed ``model_fn = identity``, ``loss_fn = value_fn``.
+
+  The Gauss–Newton form of ``ℓ ∘ id`` is the exact curvature, so this runs the
+  Gauss–Newton code path through the generic checks below (which pass
+  ``value_fn``); its own maths is tested in test_cdat_estimators.
+  """
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    return opt.update(updates, state, params, model_fn=lambda p: p,
+                      loss_fn=value_fn, **extra_args)
+  return optax.GradientTransformationExtraArgs(opt.init, update_fn)
+
+
 # (name, factory, steps for Rosenbrock). σ < 2 for the convergence checks: at
 # σ = 2 a quadratic's loss stays level by design (see test_cdat).
 TUNERS = {
@@ -23,6 +38,12 @@ TUNERS = {
                                             ema=0.9),
     "on_edge_ema": lambda: cdat_fast.on_edge(optax.adam(1.0), ema=0.99,
                                              eps=1e-8),
+    "cdat_every3": lambda: cdat_fast.cdat(optax.sgd(1.0), scale=1.9, every=3),
+    "cdat_secant": lambda: cdat_fast.cdat(optax.sgd(1.0), scale=1.9,
+                                          curvature="secant"),
+    "cdat_gauss_newton_every3": lambda: _gauss_newton_from_value_fn(
+        cdat_fast.cdat(optax.sgd(1.0), scale=1.9, curvature="gauss_newton",
+                       every=3)),
     "backtracking": lambda: cdat_fast.backtracking_linesearch(optax.sgd(1.0)),
     "backtracking_c+4": lambda: cdat_fast.backtracking_linesearch(
         optax.sgd(1.0), c=0.5, increase_factor=4.0, decrease_factor=0.9),
