@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from cdat_fast import checks, treemath
 from cdat_fast.curvature import preconditioner_from_state, sharpness
 from cdat_fast.data import Dataset, batches, load_dataset
-from cdat_fast.losses import accuracy, make_loss_fn
+from cdat_fast.losses import accuracy, get_loss, l2_penalty, make_loss_fn
 from cdat_fast.models import get_model, init_params
 from cdat_fast.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
 from cdat_fast.tuned import TunedState
@@ -175,8 +175,26 @@ class Trainer:
     self.optimizer, self.schedule = build_optimizer(cfg.optimizer, cfg.steps)
     k = cfg.curvature_batch
     loss_fn = self.loss_fn
+    part = (lambda batch: batch) if k is None else (
+        lambda batch: _first(batch, k))
     self.curvature_fn = (loss_fn if k is None else
-                         (lambda p, batch: loss_fn(p, _first(batch, k))))
+                         (lambda p, batch: loss_fn(p, part(batch))))
+    if cfg.optimizer.curvature == "gauss_newton":
+      # f = ℓ(m(w)) + μ/2‖w‖²: the model returns the parameters too, so the
+      # Gauss–Newton form includes the weight decay's curvature μ‖u‖².
+      model, loss_name, mu = self.model, cfg.loss, cfg.weight_decay
+      per_example = get_loss(loss_name)
+
+      def model_fn(p, batch):
+        return model.apply({"params": p}, part(batch)["x"]), p
+
+      def output_loss(out, batch):
+        logits, p = out
+        return per_example(logits, part(batch)["y"]) + l2_penalty(p, mu)
+
+      self.curvature_kwargs = dict(model_fn=model_fn, loss_fn=output_loss)
+    else:
+      self.curvature_kwargs = dict(value_fn=self.curvature_fn)
     self.mesh = None
     if cfg.mesh:
       from cdat_fast.sharding import make_mesh
@@ -198,8 +216,8 @@ class Trainer:
     params, state, prev_u, step = carry
     value, grads = jax.value_and_grad(self.loss_fn)(params, batch)
     updates, state = self.optimizer.update(
-        grads, state, params, value_fn=self.curvature_fn, value=value,
-        batch=batch)
+        grads, state, params, value=value, batch=batch,
+        **self.curvature_kwargs)
     metrics = {
         "loss": value.astype(jnp.float32),
         "learning_rate": self._learning_rate(state, step),

@@ -133,3 +133,25 @@ def test_mesh_run_matches_single_device(tmp_path):
   b = np.load(tmp_path / "one" / "history.npz")
   np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   np.testing.assert_allclose(a["learning_rate"], b["learning_rate"], rtol=1e-5)
+
+
+def test_gauss_newton_equals_exact_on_a_linear_model(digits):
+  """Linear model + squared loss (+ weight decay): the GN form is exact."""
+  runs = {}
+  for curvature in ("exact", "gauss_newton"):
+    cfg = TrainConfig(**{**TINY, "depth": 0, "steps": 6, "log_every": 3},
+                      optimizer=OptimizerConfig(curvature=curvature))
+    runs[curvature] = Trainer(cfg, dataset=digits).run(progress=False,
+                                                       echo=None)
+  np.testing.assert_allclose(runs["gauss_newton"].history["learning_rate"],
+                             runs["exact"].history["learning_rate"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(curvature="secant"), dict(every=3),
+                                dict(curvature="gauss_newton")])
+def test_cheap_curvature_modes_train(kw, digits):
+  cfg = TrainConfig(**TINY, curvature_batch=64,
+                    optimizer=OptimizerConfig(scale=1.8, **kw))
+  r = Trainer(cfg, dataset=digits).run(progress=False, echo=None)
+  assert r.summary["status"] == "ok"
+  assert r.summary["final_loss"] < r.summary["initial_loss"]
