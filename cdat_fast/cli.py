@@ -435,8 +435,28 @@ def cmd_theory(args) -> int:
 
 # -- entry point ----------------------------------------------------------------
 
+def _flag_names(message: str) -> str:
+  """``ls_c must be ...`` → ``--ls-c must be ...`` for config fields."""
+  from cdat_fast.train import TrainConfig
+  fields = ({f.name for f in dataclasses.fields(OptimizerConfig)}
+            | {f.name for f in dataclasses.fields(TrainConfig)})
+  first, _, rest = message.partition(" ")
+  if first in fields and rest.startswith("must"):
+    flag = {"learning_rate": "lr"}.get(first, first).replace("_", "-")
+    return f"--{flag} {rest}"
+  return message
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (no usage block)."""
+
+  def error(self, message):
+    self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog}"
+              " --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="cdat-fast",
       description="Curvature-aware learning-rate tuning (CDAT) and baselines.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -492,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"cdat-fast: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except (ValueError, TypeError) as e:
-    print(f"cdat-fast: error: {e}", file=sys.stderr)
+    print(f"cdat-fast: error: {_flag_names(str(e))}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
     print("cdat-fast: interrupted", file=sys.stderr)

@@ -52,6 +52,34 @@ class OptimizerConfig:
   every: int = 1
 
 
+def validate(cfg: OptimizerConfig) -> None:
+  """Checks every field by its own name (the CLI flag is ``--`` + dashes)."""
+  checks.check_choice("base", cfg.base, BASES)
+  checks.check_choice("tuner", cfg.tuner, TUNERS)
+  checks.check_choice("schedule", cfg.schedule, SCHEDULES)
+  checks.check_range("learning_rate", cfg.learning_rate, low=0.0,
+                     low_inclusive=False)
+  checks.check_range("warmup_fraction", cfg.warmup_fraction, low=0.0, high=1.0)
+  checks.check_range("horizon_fraction", cfg.horizon_fraction, low=0.0,
+                     high=1.0, low_inclusive=False)
+  checks.check_range("scale", cfg.scale, low=0.0, low_inclusive=False)
+  checks.check_range("ema", cfg.ema, low=0.0, high=1.0, high_inclusive=False)
+  checks.check_range("eps", cfg.eps, low=0.0)
+  checks.check_range("ls_c", cfg.ls_c, low=0.0)
+  checks.check_range("ls_relative_decrease", cfg.ls_relative_decrease, low=0.0)
+  checks.check_range("ls_increase_factor", cfg.ls_increase_factor, low=1.0,
+                     allow_inf=True)
+  checks.check_range("ls_decrease_factor", cfg.ls_decrease_factor, low=0.0,
+                     high=1.0, low_inclusive=False, high_inclusive=False)
+  checks.check_int("ls_max_steps", cfg.ls_max_steps, low=1)
+  checks.check_range("polyak_max_lr", cfg.polyak_max_lr, low=0.0,
+                     low_inclusive=False, allow_inf=True)
+  checks.check_range("hyper_beta", cfg.hyper_beta, low=0.0, high=1.0)
+  checks.check_int("every", cfg.every, low=1)
+  from cdat_fast.cdat import CURVATURES
+  checks.check_choice("curvature", cfg.curvature, CURVATURES)
+
+
 def base_optimizer(name: str) -> optax.GradientTransformation:
   """The base direction with learning rate 1 (``u = -g`` for GD)."""
   checks.check_choice("base", name, BASES)
@@ -96,7 +124,7 @@ def build_optimizer(cfg: OptimizerConfig, steps: int
                     ) -> tuple[optax.GradientTransformationExtraArgs,
                                Callable | None]:
   """Returns ``(optimizer, schedule or None)``; the schedule only for ``constant``."""
-  checks.check_choice("tuner", cfg.tuner, TUNERS)
+  validate(cfg)
   base = base_optimizer(cfg.base)
   if cfg.tuner == "constant":
     sched = schedule(cfg, steps)

@@ -78,6 +78,8 @@ class TrainConfig:
     checks.check_range("divergence_factor", self.divergence_factor, low=1.0,
                        allow_inf=True)
     checks.check_choice("loss", self.loss, ("squared", "cross_entropy"))
+    from cdat_fast.optimizers import validate
+    validate(self.optimizer)
     if self.curvature_batch is not None and self.optimizer.tuner not in (
         "cdat", "quadratic_greedy"):
       raise ValueError("curvature_batch applies to the cdat and"

@@ -98,3 +98,32 @@ def test_linear_model_and_diverged_run_ranks_last(tmp_path, capsys):
   rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
   diverged = [r for r in rows if r["status"] == "diverged"]
   assert diverged and all(math.isinf(r["final_loss"]) for r in diverged)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--ls-c", "-1"], "--ls-c"),
+    (["train", "--warmup-fraction", "3"], "--warmup-fraction"),
+    (["train", "--hyper-beta", "2"], "--hyper-beta"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--every", "0"], "--every"),
+    (["train", "--curvature", "magic"], "curvature"),
+    (["train", "--mesh", "data=3"], "mesh"),
+])
+def test_every_flag_is_validated_by_name(argv, flag, capsys):
+  try:
+    rc = main(argv)
+  except SystemExit as e:  # argparse's own type checks
+    rc = e.code
+  assert rc == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and flag in err
+
+
+def test_same_seed_and_flags_give_identical_metrics_files(tmp_path):
+  args = ["train", "--subset", "64", "--width", "8", "--depth", "1",
+          "--steps", "6", "--log-every", "2", "--batch-size", "16",
+          "--ema", "0.9", "--quiet"]
+  for name in ("a", "b"):
+    assert main([*args, "--out", str(tmp_path / name)]) == 0
+  assert ((tmp_path / "a" / "metrics.jsonl").read_bytes()
+          == (tmp_path / "b" / "metrics.jsonl").read_bytes())
