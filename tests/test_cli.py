@@ -49,9 +49,12 @@ def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
 def test_corrupt_idx_file_exits_2(tmp_path, capsys):
   (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03junk")
   (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00")
-  rc = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+  out = tmp_path / "out"
+  rc = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path),
+             "--out", str(out)])
   err = capsys.readouterr().err
   assert rc == 2 and "idx" in err and "Traceback" not in err
+  assert not out.exists()  # nothing half-written
 
 
 def test_argparse_errors_exit_2():
