@@ -1,0 +1,56 @@
+"""The fused kernels compiled on a GPU (Triton lowering) against their references.
+
+Skipped (reported) where JAX sees no GPU; the same checks run in interpret
+mode on the CPU in test_dense_jet.py, test_activation_jet.py and
+test_layer_norm_jet.py.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdat_fast.kernels import (activation_jet, activation_jet_reference,
+                               dense_jet, dense_jet_reference, layer_norm_jet,
+                               layer_norm_jet_reference)
+
+pytestmark = pytest.mark.gpu
+
+
+def _normal(seed, shapes, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+          for s in shapes]
+
+
+def _close(actual, expected, tol):
+  for a, e in zip(actual, expected):
+    assert a.shape == e.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rows, k, n", [(74, 19, 53), (1024, 512, 384)])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-2), (jnp.bfloat16,
+                                                               1e-1)])
+def test_dense_jet_compiled(rows, k, n, dtype, tol):
+  # f32 tolerance allows TF32 matmuls on the GPU.
+  args = _normal(rows + k, [(rows, k), (k, n), (n,), (rows, k), (k, n), (n,),
+                            (rows, k)], dtype)
+  out = jax.jit(lambda *a: dense_jet(*a, interpret=False))(*args)
+  _close(out, jax.jit(dense_jet_reference)(*args), tol * np.sqrt(k))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "silu"])
+def test_activation_jet_compiled(activation):
+  x, dx, ddx = _normal(1, [(300, 129)] * 3)
+  out = jax.jit(lambda *a: activation_jet(*a, activation=activation,
+                                          interpret=False))(x, dx, ddx)
+  _close(out, activation_jet_reference(x, dx, ddx, activation=activation),
+         1e-4)
+
+
+def test_layer_norm_jet_compiled():
+  args = _normal(2, [(300, 129), (129,), (129,), (300, 129), (129,), (129,),
+                     (300, 129)])
+  out = jax.jit(lambda *a: layer_norm_jet(*a, interpret=False))(*args)
+  _close(out, layer_norm_jet_reference(*args), 1e-3)
