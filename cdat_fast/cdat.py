@@ -119,11 +119,6 @@ def _is_inf(x) -> bool:
   return v is not None and math.isinf(v)
 
 
-def _cast_like(tree, like):
-  return jax.tree.map(lambda t, p: jnp.asarray(t, dtype=jnp.asarray(p).dtype),
-                      tree, like)
-
-
 def _bind_model_and_loss(who, model_fn, loss_fn, extra_args):
   """``model(params)`` and ``loss(outputs)`` with their extra args bound."""
   for name, fn, what in (
@@ -311,7 +306,8 @@ def scale_by_cdat(
                     kappa_sec)), kappa_est)
 
     def first_order_slope():
-      return jax.jvp(objective, (params,), (_cast_like(updates, params),))[1]
+      direction = treemath.cast_like(updates, params)
+      return jax.jvp(objective, (params,), (direction,))[1]
 
     def measured():
       _, s, c = measure()

@@ -29,11 +29,6 @@ from cdat_fast import checks, treemath
 PyTree = Any
 
 
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-  return jax.tree.map(lambda t, p: jnp.asarray(t, dtype=jnp.asarray(p).dtype),
-                      tree, like)
-
-
 def directional_derivatives(
     fn: Callable[[PyTree], jax.Array], params: PyTree, direction: PyTree
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -60,7 +55,7 @@ def directional_derivatives(
     Roulet et al., Stepping on the Edge: Curvature Aware Learning Rate Tuners,
     NeurIPS 2024, appendix C.3.
   """
-  direction = _cast_like(direction, params)
+  direction = treemath.cast_like(direction, params)
 
   def value_and_slope(p):
     return jax.jvp(fn, (p,), (direction,))
@@ -72,7 +67,7 @@ def directional_derivatives(
 
 def hvp(fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
   """Hessian-vector product ``∇²f(w) v`` by forward-over-reverse autodiff."""
-  v = _cast_like(v, params)
+  v = treemath.cast_like(v, params)
   return jax.jvp(jax.grad(fn), (params,), (v,))[1]
 
 
@@ -251,7 +246,7 @@ def sharpness(
   if init is None:
     key = jax.random.PRNGKey(0) if key is None else key
     init = optax.tree.random_like(key, params)
-  init = _cast_like(init, params)
+  init = treemath.cast_like(init, params)
   if method == "power":
     return _power_iteration(op, init, num_iters, rtol)
   return _lanczos(op, init, min(num_iters, dim))

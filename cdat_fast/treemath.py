@@ -33,3 +33,9 @@ def vdot(a: Any, b: Any) -> jax.Array:
 def norm(a: Any) -> jax.Array:
   """Euclidean norm of a pytree, computed like :func:`vdot`."""
   return jnp.sqrt(vdot(a, a))
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+  """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda t, p: jnp.asarray(t, dtype=jnp.asarray(p).dtype),
+                      tree, like)
