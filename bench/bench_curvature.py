@@ -295,7 +295,7 @@ def targets(results: list[Result]) -> list[str]:
 
 
 def quality(models=("mlp", "conv", "nanolm"), variants=VARIANTS, seeds=3,
-            steps=300, log=print) -> str:
+            steps=300, log=print, dynamics=False) -> str:
   """Final-loss ratio to exact CDAT over several initialisations, no timing.
 
   Single runs at the edge of stability are chaotic (±10–20%), so the loss
@@ -303,22 +303,34 @@ def quality(models=("mlp", "conv", "nanolm"), variants=VARIANTS, seeds=3,
   of each model (same data). A run whose final loss is not finite counts
   as 1000x. Returns a Markdown table: one column per model with the ratios
   of its initialisations, then the geometric mean and maximum over all.
+  With ``dynamics``, a second table gives, per run, the mean learning rate
+  over the last 50 steps and the sharpness ``λ_max`` of the Hessian at the
+  end (Lanczos, 30 iterations), as ``η / λ`` pairs.
   """
   variants = [v for v in variants if v != "gd"]
   if "exact" not in variants:
     variants.insert(0, "exact")
   ratios = {v: {} for v in variants}
+  dyn = {v: {} for v in variants}
   for seed in range(seeds):
     for problem in make_problems(models, seed=seed):
       finals = {}
       for name in variants:
         init, step = make_variant(problem, name)
         step = jax.jit(step)
-        p, s, values = problem.params, init(problem.params), []
+        p, s, values, etas = problem.params, init(problem.params), [], []
         for _ in range(steps):
           p, s, v = step(p, s, problem.batch)
           values.append(v)
+          if s != ():
+            etas.append(optax.tree.get(s, "learning_rate"))
         finals[name] = float(np.mean(np.asarray(values[-10:])))
+        if dynamics:
+          lam = cdat_fast.sharpness(
+              lambda q, problem=problem: problem.loss(q, problem.batch), p,
+              method="lanczos", num_iters=30).eigenvalue
+          eta = float(np.mean(np.asarray(etas[-50:]))) if etas else np.nan
+          dyn[name].setdefault(problem.name, []).append((eta, float(lam)))
       for name in variants:
         r = finals[name] / finals["exact"]
         ratios[name].setdefault(problem.name, []).append(
@@ -333,6 +345,14 @@ def quality(models=("mlp", "conv", "nanolm"), variants=VARIANTS, seeds=3,
     cells = [" ".join(f"{r:.2f}" for r in ratios[name][m]) for m in names]
     lines.append(f"| {name} | " + " | ".join(cells) +
                  f" | {np.exp(np.mean(np.log(every))):.2f} | {max(every):.2f} |")
+  if dynamics:
+    lines += ["", "| variant | " + " | ".join(
+        f"{m} η / λ_max" for m in names) + " |",
+              "|---|" + "---|" * len(names)]
+    for name in variants:
+      cells = [", ".join(f"{e:.3g} / {l:.3g}" for e, l in dyn[name][m])
+               for m in names]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -421,12 +441,17 @@ def main(argv=None):
   parser.add_argument("--quality", action="store_true",
                       help="only final losses, over --seeds initialisations")
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--dynamics", action="store_true",
+                      help="with --quality: mean η and final λ_max per run")
   args = parser.parse_args(argv)
+  if args.seeds < 1:
+    parser.error("--seeds must be >= 1")
   if args.quality:
     t0 = time.perf_counter()
     print(quality(args.models.split(","), args.variants.split(","),
                   args.seeds, args.steps,
-                  log=lambda s: print(s, file=sys.stderr)))
+                  log=lambda s: print(s, file=sys.stderr),
+                  dynamics=args.dynamics))
     print(f"\n(total {time.perf_counter() - t0:.0f}s)")
     return
   if args.ablation:
