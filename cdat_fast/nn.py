@@ -6,13 +6,15 @@ computed as the second-order term of jvp-of-jvp along the update direction
 
   jax.jvp(lambda p: jax.jvp(f, (p,), (u,))[1], (params,), (u,))
 
-Here :class:`Dense`, :class:`LayerNorm` and the activations (:func:`relu`,
-:func:`gelu`, :func:`tanh`, :func:`silu`, :func:`jet_activation`) are drop-in
-replacements for their ``flax.linen`` counterparts (same arguments that
-matter, same parameter trees, same values and gradients) whose second-order
-forward pass goes through :func:`~cdat_fast.kernels.dense_jet`,
-:func:`~cdat_fast.kernels.activation_jet` and
-:func:`~cdat_fast.kernels.layer_norm_jet`.
+Here :class:`Dense`, :class:`LayerNorm`, the activations (:func:`relu`,
+:func:`gelu`, :func:`tanh`, :func:`silu`, :func:`jet_activation`) and
+:func:`attention` are drop-in replacements for their ``flax.linen``
+counterparts (same arguments that matter, same parameter trees, same values
+and gradients) whose second-order forward pass goes through
+:func:`~cdat_fast.kernels.dense_jet`,
+:func:`~cdat_fast.kernels.activation_jet`,
+:func:`~cdat_fast.kernels.layer_norm_jet` and
+:func:`~cdat_fast.kernels.attention_jet`.
 
 How it is wired. Each layer is an op :math:`y = g(a_1, \\dots, a_k)` (for
 ``Dense``: ``(x, kernel, bias)``) with two levels of ``jax.custom_jvp``:
@@ -71,6 +73,7 @@ from cdat_fast import kernels
 __all__ = [
     "Dense",
     "LayerNorm",
+    "attention",
     "gelu",
     "jet_activation",
     "relu",
@@ -114,13 +117,14 @@ def _jvp_present(fn: Callable[..., Any], primals: Sequence[Any],
                  tuple(tangents[i] for i in idx))
 
 
-def _repeats_inner_direction(args, dargs, targs, tdargs) -> bool:
+def _repeats_inner_direction(args, dargs, targs, tdargs,
+                             num_activations: int = 1) -> bool:
   """Whether the outer tangents repeat the inner ones (jvp-of-jvp along u).
 
   Requires, for every present argument: outer tangent ``is`` inner tangent
-  (or both zero), and for every argument but the first (the activations
-  ``x``) a zero second-order tangent. Identity, not equality, so the test is
-  free at trace time and never wrong.
+  (or both zero), and for every argument after the first ``num_activations``
+  (the parameters) a zero second-order tangent. Identity, not equality, so
+  the test is free at trace time and never wrong.
   """
   for i, (a, d, t, td) in enumerate(zip(args, dargs, targs, tdargs)):
     if a is None:
@@ -130,20 +134,25 @@ def _repeats_inner_direction(args, dargs, targs, tdargs) -> bool:
         return False
     elif t is not d:
       return False
-    elif i > 0 and _nonzero(td):
+    elif i >= num_activations and _nonzero(td):
       return False
   return True
 
 
 def _jet_op(plain_fn: Callable[..., Array],
-            fused_fn: Callable[..., tuple[Array, Array, Array]] | None):
+            fused_fn: Callable[..., tuple[Array, Array, Array]] | None,
+            num_activations: int = 1):
   """Wraps ``plain_fn(*args)`` so that jvp-of-jvp goes through ``fused_fn``.
 
   Args:
     plain_fn: the layer's formula, ``plain_fn(*args) -> y``; args may be None.
     fused_fn: ``fused_fn(args, dargs, ddx) -> (y, dy, ddy)`` for the repeated-
       direction case (``dargs`` entries and ``ddx`` may be None for zero), or
-      None to always use the exact XLA fallback.
+      None to always use the exact XLA fallback. With ``num_activations > 1``
+      ``ddx`` is the tuple of the first ``num_activations`` arguments'
+      second-order tangents.
+    num_activations: how many leading arguments are activations, whose
+      second-order tangents may be non-zero (the rest are parameters).
 
   Returns:
     A ``jax.custom_jvp`` function with the signature of ``plain_fn``.
@@ -156,9 +165,11 @@ def _jet_op(plain_fn: Callable[..., Array],
 
   def pair_jvp(primals, tangents):
     (args, dargs), (targs, tdargs) = primals, tangents
-    if (fused_fn is not None and
-        _repeats_inner_direction(args, dargs, targs, tdargs)):
-      ddx = tdargs[0] if _nonzero(tdargs[0]) else None
+    if (fused_fn is not None and _repeats_inner_direction(
+        args, dargs, targs, tdargs, num_activations)):
+      dd = tuple(t if _nonzero(t) else None
+                 for t in tdargs[:num_activations])
+      ddx = dd[0] if num_activations == 1 else dd
       dtype = jax.eval_shape(plain_fn, *args).dtype
       y, dy, ddy = (v.astype(dtype) for v in fused_fn(args, dargs, ddx))
       return (y, dy), (dy, ddy)
@@ -384,3 +395,79 @@ relu = jet_activation("relu")
 gelu = jet_activation("gelu")
 tanh = jet_activation("tanh")
 silu = jet_activation("silu")
+
+
+# ---------------------------------------------------------------------------
+# Attention.
+# ---------------------------------------------------------------------------
+
+
+def _split_heads(x: Array, num_heads: int) -> Array:
+  """``(..., T, H·D) -> (..., T, H, D)``."""
+  *lead, t, width = x.shape
+  if width % num_heads:
+    raise ValueError(f"attention: feature size {width} is not divisible by"
+                     f" num_heads={num_heads}")
+  return x.reshape(*lead, t, num_heads, width // num_heads)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_op(num_heads: int, causal: bool, fused: bool):
+  """Multi-head softmax attention of merged-head inputs, one op of (q, k, v)."""
+
+  def attention_plain(q, k, v):
+    qh, kh, vh = (_split_heads(a, num_heads) for a in (q, k, v))
+    mask = None
+    if causal:
+      t = q.shape[-2]
+      mask = jnp.tril(jnp.ones((t, kh.shape[-3]), bool))
+    out = fnn.dot_product_attention(qh, kh, vh, mask=mask)
+    return out.reshape(*out.shape[:-2], -1)
+
+  def attention_fused(args, dargs, ddargs):
+    def heads_first(a):  # (..., T, H·D) -> (..., H, T, D)
+      return None if a is None else jnp.swapaxes(
+          _split_heads(a, num_heads), -2, -3)
+
+    outs = kernels.attention_jet(
+        *(heads_first(a) for a in (*args, *dargs, *ddargs)), causal=causal)
+    return tuple(jnp.swapaxes(o, -2, -3).reshape(*o.shape[:-3], o.shape[-2],
+                                                  -1) for o in outs)
+
+  return _jet_op(attention_plain, attention_fused if fused else None,
+                 num_activations=3)
+
+
+def attention(query: Array, key: Array, value: Array, *, num_heads: int,
+              causal: bool = False, fused: bool = True) -> Array:
+  """Multi-head softmax attention whose jvp-of-jvp runs ``attention_jet``.
+
+  .. math:: o_h = \\mathrm{softmax}\\big(q_h k_h^\\top / \\sqrt{D}\\big)\\, v_h
+
+  per head ``h``. The inputs and the output keep the heads merged in the
+  last axis, ``(..., T, H·D)``, so the projections around it can be
+  :class:`Dense` layers with no reshape in between (a reshape would break
+  the repeated-direction chain of the module docstring); the head split is
+  inside the op. Values and gradients are ``flax.linen.dot_product_attention``'s
+  (with ``make_causal_mask``-style masking when ``causal``); the second-order
+  forward pass is :func:`~cdat_fast.kernels.attention_jet`, where all three
+  inputs carry second-order tangents.
+
+  Args:
+    query: ``(..., T, H·D)``.
+    key: ``(..., S, H·D)``.
+    value: ``(..., S, H·D_v)``.
+    num_heads: ``H``; must divide the feature sizes.
+    causal: mask keys after each query's position (``S == T``).
+    fused: route jvp-of-jvp through the fused kernel (False: plain XLA).
+
+  Returns:
+    ``(..., T, H·D_v)``.
+  """
+  if not isinstance(num_heads, int) or num_heads < 1:
+    raise ValueError(f"attention: num_heads must be a positive int, got"
+                     f" {num_heads!r}")
+  if causal and query.shape[-2] != key.shape[-2]:
+    raise ValueError("attention: causal needs as many keys as queries, got"
+                     f" {query.shape[-2]} and {key.shape[-2]}")
+  return _attention_op(num_heads, bool(causal), bool(fused))(query, key, value)

@@ -8,6 +8,8 @@ CPU and compiles elsewhere.
 from .activation_jet import ACTIVATIONS
 from .activation_jet import activation_jet
 from .activation_jet import activation_jet_reference
+from .attention_jet import attention_jet
+from .attention_jet import attention_jet_reference
 from .dense_jet import dense_jet
 from .dense_jet import dense_jet_reference
 from .layer_norm_jet import layer_norm_jet
@@ -17,6 +19,8 @@ __all__ = [
     "ACTIVATIONS",
     "activation_jet",
     "activation_jet_reference",
+    "attention_jet",
+    "attention_jet_reference",
     "dense_jet",
     "dense_jet_reference",
     "layer_norm_jet",

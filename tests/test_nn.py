@@ -276,3 +276,82 @@ def test_quadratic_form_matches_explicit_hessian():
 def test_jet_activation_rejects_unknown_name():
   with pytest.raises(ValueError, match="name"):
     jet_nn.jet_activation("softplus")
+
+
+class AttentionBlock(nn.Module):
+  """Pre-LN causal self-attention: LayerNorm, q/k/v Dense, attention, Dense."""
+  jet: bool
+  num_heads: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    y = jet_nn.LayerNorm(fused=self.jet)(x)
+    q, k, v = (jet_nn.Dense(f, fused=self.jet, name=n)(y)
+               for f, n in ((6, "query"), (6, "key"), (4, "value")))
+    o = jet_nn.attention(q, k, v, num_heads=self.num_heads, causal=True,
+                         fused=self.jet)
+    return jet_nn.Dense(x.shape[-1], fused=self.jet, name="out")(o)
+
+
+@pytest.fixture(scope="module")
+def attention_problem():
+  x = _normal(20, (2, 7, 5))
+  target = _normal(21, (2, 7, 5))
+  params = jax.jit(AttentionBlock(jet=False).init)(jax.random.key(22), x)
+  params = _shift(params, 23, 0.3)
+
+  def loss(model):
+    return lambda p: jnp.mean((model.apply(p, x) - target) ** 2)
+
+  return dict(params=params, plain=loss(AttentionBlock(jet=False)),
+              jet=loss(AttentionBlock(jet=True)), u=_perturb(params, 24),
+              x=x)
+
+
+def test_attention_matches_flax_dot_product_attention():
+  q, k, v = _normal(30, (2, 7, 6)), _normal(31, (2, 7, 6)), _normal(
+      32, (2, 7, 4))
+  split = lambda a: a.reshape(2, 7, 2, -1)
+  mask = nn.make_causal_mask(jnp.zeros((2, 7)))
+  expected = nn.dot_product_attention(split(q), split(k), split(v),
+                                      mask=mask).reshape(2, 7, 4)
+  out = jet_nn.attention(q, k, v, num_heads=2, causal=True)
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_block_jvp_of_jvp_is_fused_and_exact(attention_problem):
+  p, u = attention_problem["params"], attention_problem["u"]
+  value_and_grad = lambda f: jax.jit(jax.value_and_grad(f))(p)
+  (f_jet, g_jet), (f_plain, g_plain) = map(
+      value_and_grad, (attention_problem["jet"], attention_problem["plain"]))
+  np.testing.assert_allclose(f_jet, f_plain, rtol=1e-6)
+  _tree_allclose(g_jet, g_plain, rtol=1e-5, atol=1e-6)
+  jet = _jit_quad(attention_problem["jet"], p, u)
+  plain = _jit_quad(attention_problem["plain"], p, u)
+  np.testing.assert_allclose(jet, plain, rtol=1e-4, atol=1e-6)
+  assert abs(float(plain[3])) > 1e-3
+  names = _pallas_calls(_quad(attention_problem["jet"]), p, u)
+  assert sorted(names) == sorted(["layer_norm_jet", "attention_jet"] +
+                                 ["dense_jet"] * 4)
+
+
+def test_attention_quadratic_form_matches_explicit_hessian(attention_problem):
+  """uᵀHu of the fused block against the dense Hessian of the flat params."""
+  p, u = attention_problem["params"], attention_problem["u"]
+  flat, unravel = ravel_pytree(p)
+  hess = jax.jit(jax.hessian(lambda w: attention_problem["plain"](
+      unravel(w))))(flat)
+  u_flat = ravel_pytree(u)[0]
+  expected = float(u_flat @ hess @ u_flat)
+  got = float(_jit_quad(attention_problem["jet"], p, u)[3])
+  np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_attention_rejects_bad_heads():
+  q = _normal(33, (1, 4, 6))
+  with pytest.raises(ValueError, match="num_heads"):
+    jet_nn.attention(q, q, q, num_heads=0)
+  with pytest.raises(ValueError, match="not divisible by num_heads=4"):
+    jet_nn.attention(q, q, q, num_heads=4)
+  with pytest.raises(ValueError, match="causal needs as many keys"):
+    jet_nn.attention(q, q[:, :3], q[:, :3], num_heads=2, causal=True)

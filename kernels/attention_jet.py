@@ -1,0 +1,362 @@
+"""Second-order forward pass (jet) of softmax attention, flash-style, in Pallas.
+
+Attention of one head, queries ``q (T, D)``, keys ``k (S, D)``, values
+``v (S, D_v)``, scale :math:`c` (default :math:`1/\\sqrt{D}`), optional causal
+mask:
+
+.. math::
+
+  s = c\\, q k^\\top, \\qquad p = \\mathrm{softmax}(s) \\text{ (rows)}, \\qquad
+  o = p v.
+
+Move ``(q, k, v)`` along first-order tangents ``(q̇, k̇, v̇)`` with
+second-order tangents ``(q̈, k̈, v̈)`` (all three are activations, so all
+three move at second order). Then
+
+.. math::
+
+  \\dot s = c(\\dot q k^\\top + q \\dot k^\\top), \\qquad
+  \\ddot s = c(\\ddot q k^\\top + 2 \\dot q \\dot k^\\top + q \\ddot k^\\top),
+
+and with :math:`E[z] = \\sum_j p_j z_j` over a row, :math:`a = E[\\dot s]`:
+
+.. math::
+
+  \\dot p_j = p_j(\\dot s_j - a), \\qquad
+  \\ddot p_j = p_j\\big((\\dot s_j - a)^2 + \\ddot s_j - \\dot a\\big), \\qquad
+  \\dot a = E[\\dot s^2] - a^2 + E[\\ddot s],
+
+  \\dot o = E[(\\dot s - a) v] + E[\\dot v], \\qquad
+  \\ddot o = E\\big[((\\dot s - a)^2 + \\ddot s - \\dot a) v\\big]
+           + 2 E[(\\dot s - a) \\dot v] + E[\\ddot v].
+
+Every expectation is a softmax-weighted sum over the keys, so the kernel
+computes them online like flash attention: one pass over key blocks keeps
+the running maximum :math:`m`, the normaliser :math:`l = \\sum e^{s_j - m}`,
+three row sums (of :math:`\\dot s, \\dot s^2, \\ddot s`) and seven weighted
+value sums (:math:`v, \\dot s v, \\dot s^2 v, \\ddot s v, \\dot v, \\dot s \\dot v,
+\\ddot v`), all rescaled by :math:`e^{m_{old} - m_{new}}` when the maximum
+moves, and expands the squares at the end. No ``T × S`` matrix is written to
+memory, whereas jvp-of-jvp through XLA materialises ``s, ṡ, s̈`` and the
+probabilities and their two tangents. None exists upstream (flash attention
+has no forward-mode rule).
+
+Per key block: 6 matmuls for ``s, ṡ, s̈`` and 7 for the value sums, against 2
+for attention itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from .lowering import compiler_params as _compiler_params
+from .lowering import default_interpret as _default_interpret
+from .lowering import next_power_of_2 as _next_power_of_2
+
+__all__ = ["attention_jet", "attention_jet_reference"]
+
+_NEG = -1e30  # Masked logits: finite, so no inf - inf.
+NAMES = ("q", "k", "v", "dq", "dk", "dv", "ddq", "ddk", "ddv")
+
+
+class _Config(NamedTuple):
+  scale: float
+  causal: bool
+  block_q: int
+  block_k: int
+  interpret: bool
+  num_warps: int | None
+  precision: lax.PrecisionLike
+
+
+def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
+                          ddq_ref, ddk_ref, ddv_ref, o_ref, do_ref, ddo_ref,
+                          *, scale, causal, block_k, seq_k, precision):
+  """One block of queries against all keys, online over key blocks."""
+  block_q = q_ref.shape[0]
+  d_v = v_ref.shape[-1]
+  f32 = jnp.float32
+  q = q_ref[...].astype(f32)
+  dq = dq_ref[...].astype(f32)
+  ddq = ddq_ref[...].astype(f32)
+  q_start = pl.program_id(1) * block_q
+  rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+
+  def dot_t(a, b):  # a @ b.T
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                           precision=precision, preferred_element_type=f32)
+
+  def dot(a, b):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=f32)
+
+  def body(j, carry):
+    m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = carry
+    start = pl.multiple_of(j * block_k, block_k)
+    ks = pl.ds(start, block_k)
+    k = k_ref[ks, :].astype(f32)
+    dk = dk_ref[ks, :].astype(f32)
+    ddk = ddk_ref[ks, :].astype(f32)
+    v = v_ref[ks, :].astype(f32)
+    dv = dv_ref[ks, :].astype(f32)
+    ddv = ddv_ref[ks, :].astype(f32)
+    s = scale * dot_t(q, k)
+    ds = scale * (dot_t(dq, k) + dot_t(q, dk))
+    dds = scale * (dot_t(ddq, k) + 2.0 * dot_t(dq, dk) + dot_t(q, ddk))
+    cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    valid = cols < seq_k
+    if causal:
+      valid = valid & (cols <= rows)
+    s = jnp.where(valid, s, _NEG)
+    ds = jnp.where(valid, ds, 0.0)
+    dds = jnp.where(valid, dds, 0.0)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    e = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    e_ds = e * ds
+    e_ds2 = e_ds * ds
+    e_dds = e * dds
+    return (
+        m_new,
+        alpha * l + jnp.sum(e, axis=1, keepdims=True),
+        alpha * s1 + jnp.sum(e_ds, axis=1, keepdims=True),
+        alpha * s2 + jnp.sum(e_ds2, axis=1, keepdims=True),
+        alpha * s3 + jnp.sum(e_dds, axis=1, keepdims=True),
+        alpha * v0 + dot(e, v),
+        alpha * v1 + dot(e_ds, v),
+        alpha * v2 + dot(e_ds2, v),
+        alpha * v3 + dot(e_dds, v),
+        alpha * w0 + dot(e, dv),
+        alpha * w1 + dot(e_ds, dv),
+        alpha * x0 + dot(e, ddv),
+    )
+
+  num_blocks = pl.cdiv(seq_k, block_k)
+  if causal:  # Key blocks past this query block's last row are all masked.
+    num_blocks = jnp.minimum(num_blocks,
+                             pl.cdiv(q_start + block_q, block_k))
+  col = jnp.zeros((block_q, 1), f32)
+  mat = jnp.zeros((block_q, d_v), f32)
+  init = (jnp.full((block_q, 1), _NEG, f32), col, col, col, col,
+          mat, mat, mat, mat, mat, mat, mat)
+  m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = lax.fori_loop(
+      0, num_blocks, body, init)
+  inv = 1.0 / jnp.where(l > 0, l, 1.0)  # l ≥ 1 on every real row.
+  a = s1 * inv
+  da = s2 * inv - a * a + s3 * inv
+  o = v0 * inv
+  do = (v1 - a * v0 + w0) * inv
+  ddo = (v2 - 2.0 * a * v1 + (a * a - da) * v0 + v3
+         + 2.0 * (w1 - a * w0) + x0) * inv
+  o_ref[...] = o.astype(o_ref.dtype)
+  do_ref[...] = do.astype(do_ref.dtype)
+  ddo_ref[...] = ddo.astype(ddo_ref.dtype)
+
+
+def _attention_jet_pallas(config: _Config, *args):
+  q, k, v = args[:3]
+  *lead, t, d = q.shape
+  s, d_v = k.shape[-2], v.shape[-1]
+  heads = math.prod(lead)
+  if heads == 0 or t == 0 or s == 0:
+    return attention_jet_reference(*args, scale=config.scale,
+                                   causal=config.causal,
+                                   precision=config.precision)
+  block_q = min(config.block_q, _next_power_of_2(t))
+  block_k = min(config.block_k, _next_power_of_2(s))
+  t_p = -(-t // block_q) * block_q
+  s_p = -(-s // block_k) * block_k
+  d_p, dv_p = _next_power_of_2(d), _next_power_of_2(d_v)
+
+  def pad(a, length, width):
+    a = a.reshape(heads, a.shape[-2], a.shape[-1])
+    return jnp.pad(a, ((0, 0), (0, length - a.shape[1]),
+                       (0, width - a.shape[2])))
+
+  padded = []
+  for name, a in zip(NAMES, args):
+    if name[-1] == "q":
+      padded.append(pad(a, t_p, d_p))
+    elif name[-1] == "k":
+      padded.append(pad(a, s_p, d_p))
+    else:
+      padded.append(pad(a, s_p, dv_p))
+  q_spec = pl.BlockSpec((None, block_q, d_p), lambda h, i: (h, i, 0))
+  k_spec = pl.BlockSpec((None, s_p, d_p), lambda h, i: (h, 0, 0))
+  v_spec = pl.BlockSpec((None, s_p, dv_p), lambda h, i: (h, 0, 0))
+  o_spec = pl.BlockSpec((None, block_q, dv_p), lambda h, i: (h, i, 0))
+  specs = [q_spec, k_spec, v_spec] * 3
+  kernel = functools.partial(
+      _attention_jet_kernel, scale=config.scale, causal=config.causal,
+      block_k=block_k, seq_k=s, precision=config.precision)
+  num_warps = config.num_warps
+  if num_warps is None:
+    num_warps = 4 if block_q * max(d_p, dv_p) <= 64 * 64 else 8
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct((heads, t_p, dv_p), q.dtype)] * 3,
+      grid=(heads, t_p // block_q),
+      in_specs=specs,
+      out_specs=[o_spec] * 3,
+      interpret=config.interpret,
+      compiler_params=_compiler_params(config.interpret, num_warps),
+      name="attention_jet",
+  )(*padded)
+  return tuple(o[:, :t, :d_v].reshape(*lead, t, d_v) for o in outs)
+
+
+def _check_and_promote(args):
+  q, k, v = args[:3]
+  for name, a in zip(NAMES[:3], (q, k, v)):
+    if a is None:
+      raise ValueError(f"{name} is required")
+    if a.ndim < 2:
+      raise ValueError(f"{name} must have shape (..., length, features),"
+                       f" got {a.shape}")
+  if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+    raise ValueError("q, k and v must share their leading dimensions, got"
+                     f" {q.shape}, {k.shape}, {v.shape}")
+  if k.shape[-1] != q.shape[-1]:
+    raise ValueError(f"k must have q's feature size {q.shape[-1]}, got"
+                     f" {k.shape}")
+  if v.shape[-2] != k.shape[-2]:
+    raise ValueError(f"v must have k's length {k.shape[-2]}, got {v.shape}")
+  for name, a in zip(NAMES[3:], args[3:]):
+    like = {"q": q, "k": k, "v": v}[name[-1]]
+    if a is not None and a.shape != like.shape:
+      raise ValueError(f"{name} must have shape {like.shape}, got {a.shape}")
+  dtype = jnp.result_type(*[a for a in args if a is not None])
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.result_type(dtype, jnp.float32)
+  out = []
+  for name, a in zip(NAMES, args):
+    like = {"q": q, "k": k, "v": v}[name[-1]]
+    out.append(jnp.zeros(like.shape, dtype) if a is None
+               else jnp.asarray(a, dtype))
+  return tuple(out)
+
+
+def _resolve(q, scale, causal, s):
+  if causal and s != q.shape[-2]:
+    raise ValueError("causal attention needs as many keys as queries, got"
+                     f" {q.shape[-2]} queries and {s} keys")
+  return float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _attention_jet_call(config, *args):
+  return _attention_jet_pallas(config, *args)
+
+
+@_attention_jet_call.defjvp
+def _attention_jet_call_jvp(config, primals, tangents):
+  # Pallas' automatic JVP breaks on zero tangents; differentiate the
+  # reference instead (the same function).
+  ref = functools.partial(attention_jet_reference, scale=config.scale,
+                          causal=config.causal, precision=config.precision)
+  return jax.jvp(ref, primals, tangents)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "causal", "interpret", "block_q",
+                              "block_k", "num_warps", "precision"))
+def attention_jet(
+    q: jax.Array, k: jax.Array, v: jax.Array,
+    dq: jax.Array | None, dk: jax.Array | None, dv: jax.Array | None,
+    ddq: jax.Array | None, ddk: jax.Array | None, ddv: jax.Array | None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    interpret: bool | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+    num_warps: int | None = None,
+    precision: lax.PrecisionLike = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Fused second-order jet of softmax attention (see the module docstring).
+
+  Args:
+    q: queries ``(..., T, D)``; leading dimensions (batch, heads) are
+      flattened into independent heads.
+    k: keys ``(..., S, D)``.
+    v: values ``(..., S, D_v)``.
+    dq, dk, dv: first-order tangents (same shapes) or None for zero.
+    ddq, ddk, ddv: second-order tangents or None for zero.
+    scale: the logit scale ``c``; None means ``1/√D``.
+    causal: mask keys after the query's position (needs ``S == T``).
+    interpret: Pallas interpret mode; None means interpret on CPU only.
+    block_q: queries per tile, a power of two.
+    block_k: keys per step of the online softmax, a power of two.
+    num_warps: Triton warps per tile on GPU (None: 4 or 8 by tile size).
+    precision: matmul precision inside the kernel.
+
+  Returns:
+    ``(o, do, ddo)`` of shape ``(..., T, D_v)`` in the inputs' common dtype
+    (accumulated in float32).
+  """
+  args = _check_and_promote((q, k, v, dq, dk, dv, ddq, ddk, ddv))
+  scale = _resolve(args[0], scale, causal, args[1].shape[-2])
+  for name, value in (("block_q", block_q), ("block_k", block_k)):
+    if value < 1 or value & (value - 1):
+      raise ValueError(f"{name} must be a power of two, got {value}")
+  if interpret is None:
+    interpret = _default_interpret()
+  config = _Config(scale, bool(causal), block_q, block_k, bool(interpret),
+                   num_warps, precision)
+  return _attention_jet_call(config, *args)
+
+
+def attention_jet_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array,
+    dq: jax.Array | None, dk: jax.Array | None, dv: jax.Array | None,
+    ddq: jax.Array | None, ddk: jax.Array | None, ddv: jax.Array | None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    precision: lax.PrecisionLike = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pure-``jnp`` reference for :func:`attention_jet`: the closed-form jet.
+
+  Materialises the ``T × S`` logits and probabilities and their tangents, in
+  float32, with the formulas of the module docstring.
+  """
+  args = _check_and_promote((q, k, v, dq, dk, dv, ddq, ddk, ddv))
+  dtype = args[0].dtype
+  q, k, v, dq, dk, dv, ddq, ddk, ddv = (a.astype(jnp.float32) for a in args)
+  c = _resolve(q, scale, causal, k.shape[-2])
+
+  def qk(a, b):
+    return jnp.einsum("...td,...sd->...ts", a, b, precision=precision)
+
+  def pv(p, b):
+    return jnp.einsum("...ts,...sd->...td", p, b, precision=precision)
+
+  s = c * qk(q, k)
+  ds = c * (qk(dq, k) + qk(q, dk))
+  dds = c * (qk(ddq, k) + 2.0 * qk(dq, dk) + qk(q, ddk))
+  if causal:
+    t = q.shape[-2]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    s = jnp.where(mask, s, -jnp.inf)
+    ds = jnp.where(mask, ds, 0.0)
+    dds = jnp.where(mask, dds, 0.0)
+  p = jax.nn.softmax(s, axis=-1)
+
+  def expect(z):
+    return jnp.sum(p * z, axis=-1, keepdims=True)
+
+  a = expect(ds)
+  dp = p * (ds - a)
+  da = expect(ds * ds) - a * a + expect(dds)
+  ddp = p * ((ds - a) ** 2 + dds - da)
+  o = pv(p, v)
+  do = pv(dp, v) + pv(p, dv)
+  ddo = pv(ddp, v) + 2.0 * pv(dp, dv) + pv(p, ddv)
+  return o.astype(dtype), do.astype(dtype), ddo.astype(dtype)

@@ -1,0 +1,121 @@
+"""Tests for kernels/attention_jet.py: the Pallas kernel vs the closed-form
+reference, and the reference vs jvp-of-jvp of plain softmax attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdat_fast.kernels import attention_jet
+from cdat_fast.kernels import attention_jet_reference as _reference
+
+reference = jax.jit(_reference, static_argnames=("scale", "causal",
+                                                 "precision"))
+
+LEAD, T, D, DV = (2, 3), 37, 20, 13  # 37 queries: padded, masked keys.
+NAMES = ("q", "k", "v", "dq", "dk", "dv", "ddq", "ddk", "ddv")
+
+
+def _inputs(seed, s=T, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  shape = {"q": LEAD + (T, D), "k": LEAD + (s, D), "v": LEAD + (s, DV)}
+  args = [rng.standard_normal(shape[n[-1]]) for n in NAMES]
+  args[0] = 2.0 * args[0]  # Peaked softmax rows: the max shift matters.
+  return [jnp.asarray(a, jnp.float32).astype(dtype) for a in args]
+
+
+def _plain(q, k, v, causal, scale=None):
+  c = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+  s = c * jnp.einsum("...td,...sd->...ts", q, k)
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+  return jnp.einsum("...ts,...sd->...td", jax.nn.softmax(s, -1), v)
+
+
+def _assert_close(actual, expected, rtol=2e-5, atol=2e-5):
+  for a, e in zip(actual, expected):
+    assert a.shape == e.shape and a.dtype == e.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_is_the_jet_of_attention(causal):
+  """(o, ȯ, ö) = jvp of (x ↦ jvp(attn, x, ẋ)) at (x, ẋ) along (ẋ, ẍ)."""
+  args = _inputs(0, s=T if causal else 45)
+  primals, first, second = args[:3], args[3:6], args[6:]
+  f = lambda *x: _plain(*x, causal)
+
+  @jax.jit
+  def jet(p, t1, t2):
+    inner = lambda *a: jax.jvp(f, a[:3], a[3:])
+    (o, do), (_, ddo) = jax.jvp(inner, (*p, *t1), (*t1, *t2))
+    return o, do, ddo
+
+  expected = jet(primals, first, second)
+  _assert_close(reference(*args, causal=causal), expected, 1e-5, 1e-5)
+  assert float(jnp.abs(expected[2]).max()) > 1.0  # A non-trivial ö.
+
+
+@pytest.mark.parametrize("causal,s,blocks", [
+    (False, 45, (16, 16)),  # Keys padded 45 -> 48 and masked.
+    (False, 45, (64, 32)),  # Blocks larger than the sequence: clipped.
+    (True, T, (16, 8)),  # Causal: key loop stops at the query block.
+])
+def test_kernel_matches_reference(causal, s, blocks):
+  args = _inputs(1, s=s)
+  out = attention_jet(*args, causal=causal, interpret=True, block_q=blocks[0],
+                      block_k=blocks[1])
+  _assert_close(out, reference(*args, causal=causal))
+
+
+def test_absent_tangents_are_zero_and_scale_is_used():
+  args = _inputs(2, s=45)
+  absent = ("dk", "ddq", "ddv")
+  given = [None if n in absent else a for n, a in zip(NAMES, args)]
+  zeros = [jnp.zeros_like(a) if n in absent else a
+           for n, a in zip(NAMES, args)]
+  out = attention_jet(*given, scale=0.3, interpret=True, block_q=16,
+                      block_k=16)
+  _assert_close(out, reference(*zeros, scale=0.3))
+  default = reference(*zeros)
+  assert float(jnp.abs(out[0] - default[0]).max()) > 1e-2
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  args = _inputs(3, dtype=jnp.bfloat16)
+  out = attention_jet(*args, causal=True, interpret=True, block_q=16,
+                      block_k=16)
+  ref = reference(*[a.astype(jnp.float32) for a in args], causal=True)
+  assert all(o.dtype == jnp.bfloat16 for o in out)
+  _assert_close([o.astype(jnp.float32) for o in out], ref, 3e-2, 3e-2)
+
+
+def test_jvp_through_the_kernel_matches_the_reference():
+  args = _inputs(4, s=45)
+  tangent = _inputs(5, s=45)
+  kernel = lambda *a: attention_jet(*a, interpret=True, block_q=16,
+                                    block_k=16)
+  _, t_kernel = jax.jit(lambda a, t: jax.jvp(kernel, a, t))(args, tangent)
+  _, t_ref = jax.jit(lambda a, t: jax.jvp(_reference, a, t))(args, tangent)
+  _assert_close(t_kernel, t_ref, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.__setitem__(4, a[4][..., :5, :]), "dk must have shape"),
+    (lambda a: a.__setitem__(1, a[1][..., :7]), "k must have q's feature"),
+    (lambda a: a.__setitem__(2, a[2][..., :5, :]), "v must have k's length"),
+])
+def test_bad_shapes_name_the_argument(change, match):
+  args = _inputs(6, s=45)
+  change(args)
+  with pytest.raises(ValueError, match=match):
+    attention_jet(*args, interpret=True)
+
+
+def test_bad_options_are_rejected():
+  args = _inputs(7, s=45)
+  with pytest.raises(ValueError, match="causal"):
+    attention_jet(*args, causal=True, interpret=True)
+  with pytest.raises(ValueError, match="block_q must be a power of two"):
+    attention_jet(*_inputs(7), block_q=24, interpret=True)
