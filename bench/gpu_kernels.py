@@ -10,7 +10,8 @@ The repository must be importable: ``pip install -e . --no-deps`` or
 ``PYTHONPATH=<repo>`` (then ``kernels/`` is imported directly). Nothing
 beyond JAX is needed; the optional end-to-end MLP section needs flax.
 
-1. Correctness: ``dense_jet``, ``activation_jet``, ``layer_norm_jet``
+1. Correctness: ``dense_jet``, ``activation_jet``, ``layer_norm_jet``,
+   ``attention_jet``
    compiled on the GPU (``interpret=False``) against their pure-jnp references
    at awkward sizes, f32 at ``precision=HIGHEST`` (tight), f32 at default
    precision (TF32, loose) and bf16 (loose).
@@ -166,6 +167,29 @@ def layer_norm_xla(x, scale, bias, dx, dscale, dbias, ddx, *, epsilon=1e-6):
   return y, dy, ddy
 
 
+def attention_problem(heads, tokens, d, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 9)
+  shape = (heads, tokens, d)
+  return tuple(_randn(k, shape, dtype) for k in keys)
+
+
+def attention_xla(q, k, v, dq, dk, dv, ddq, ddk, ddv, *, causal=True):
+  """XLA's jvp-of-jvp of plain softmax attention (float32 softmax)."""
+
+  def plain(q, k, v):
+    s = jnp.einsum("htd,hsd->hts", q, k,
+                   preferred_element_type=jnp.float32) / q.shape[-1] ** 0.5
+    if causal:
+      s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+    p = jax.nn.softmax(s, -1).astype(v.dtype)
+    return jnp.einsum("hts,hsd->htd", p, v)
+
+  first = lambda *a: jax.jvp(plain, a[:3], a[3:])
+  (y, dy), (_, ddy) = jax.jvp(first, (q, k, v, dq, dk, dv),
+                              (dq, dk, dv, ddq, ddk, ddv))
+  return y, dy, ddy
+
+
 # ---------------------------------------------------------------------------
 # 1. Correctness.
 # ---------------------------------------------------------------------------
@@ -226,6 +250,15 @@ def correctness(bench, kernels, interpret):
       check(bench, kernels, f"layer_norm_jet 74x{d} {jnp.dtype(dtype).name}",
             functools.partial(kernels.layer_norm_jet, interpret=interpret),
             kernels.layer_norm_jet_reference, args, tol)
+  for causal in (False, True):
+    for dtype, tol in ((jnp.float32, 1e-2), (jnp.bfloat16, 5e-2)):
+      args = attention_problem(3, 2 * 37, 40, dtype)
+      check(bench, kernels, f"attention_jet 3x74x40 causal={causal} "
+            f"{jnp.dtype(dtype).name}",
+            functools.partial(kernels.attention_jet, causal=causal,
+                              interpret=interpret),
+            functools.partial(kernels.attention_jet_reference, causal=causal),
+            args, tol)
 
 
 # ---------------------------------------------------------------------------
@@ -291,6 +324,20 @@ def timing(bench, kernels, interpret, tokens_list, d_list, dtypes):
                                    interpret=interpret),
                  layer_norm_xla, args, flops=0,
                  nbytes=item * 6 * tokens * d)
+  # Causal attention, 8 heads of 64 features: 13 matmuls per key block (2
+  # for attention itself), half of them skipped by the causal mask; bytes:
+  # 9 inputs and 3 outputs of (heads, tokens, 64) each.
+  for dtype in dtypes:
+    item = jnp.dtype(dtype).itemsize
+    for tokens in tokens_list[1:]:
+      heads, d = 8, 64
+      args = attention_problem(heads, tokens, d, dtype)
+      time_row(bench, "attention_jet causal", tokens, d, dtype,
+               functools.partial(kernels.attention_jet, causal=True,
+                                 interpret=interpret),
+               attention_xla, args,
+               flops=13 * 2 * heads * tokens * tokens * d // 2,
+               nbytes=item * 12 * heads * tokens * d)
 
 
 def block_sweep(bench, kernels, interpret, tokens, d, dtype):

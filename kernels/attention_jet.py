@@ -169,11 +169,15 @@ def _attention_jet_pallas(config: _Config, *args):
     return attention_jet_reference(*args, scale=config.scale,
                                    causal=config.causal,
                                    precision=config.precision)
-  block_q = min(config.block_q, _next_power_of_2(t))
-  block_k = min(config.block_k, _next_power_of_2(s))
+  # Triton's dot needs every dimension of a tile >= 16; interpret mode
+  # takes any size, so the CPU tests also run small tiles.
+  low = 1 if config.interpret else 16
+  block_q = max(low, min(config.block_q, _next_power_of_2(t)))
+  block_k = max(low, min(config.block_k, _next_power_of_2(s)))
   t_p = -(-t // block_q) * block_q
   s_p = -(-s // block_k) * block_k
-  d_p, dv_p = _next_power_of_2(d), _next_power_of_2(d_v)
+  d_p = max(low, _next_power_of_2(d))
+  dv_p = max(low, _next_power_of_2(d_v))
 
   def pad(a, length, width):
     a = a.reshape(heads, a.shape[-2], a.shape[-1])

@@ -2,7 +2,7 @@
 
 Skipped (reported) where JAX sees no GPU; the same checks run in interpret
 mode on the CPU in test_dense_jet.py, test_activation_jet.py and
-test_layer_norm_jet.py.
+test_layer_norm_jet.py and test_attention_jet.py.
 """
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cdat_fast.kernels import (activation_jet, activation_jet_reference,
+                               attention_jet, attention_jet_reference,
                                dense_jet, dense_jet_reference, layer_norm_jet,
                                layer_norm_jet_reference)
 
@@ -54,3 +55,14 @@ def test_layer_norm_jet_compiled():
                      (300, 129)])
   out = jax.jit(lambda *a: layer_norm_jet(*a, interpret=False))(*args)
   _close(out, layer_norm_jet_reference(*args), 1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t, d", [(37, 5), (300, 64)])
+def test_attention_jet_compiled(causal, t, d):
+  # Short rows and 5 features: padded to Triton's minimum 16-wide tiles.
+  args = _normal(3 + t, [(2, 3, t, d)] * 9)
+  out = jax.jit(lambda *a: attention_jet(*a, causal=causal,
+                                         interpret=False))(*args)
+  ref = jax.jit(lambda *a: attention_jet_reference(*a, causal=causal))(*args)
+  _close(out, ref, 2e-2)  # TF32 matmuls.
