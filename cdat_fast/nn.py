@@ -35,10 +35,11 @@ How it is wired. Each layer is an op :math:`y = g(a_1, \\dots, a_k)` (for
    first-order pass, exact in every case.
 
 So the fused path is taken in chains of these layers (an MLP, pre-norm
-stacks of Dense / LayerNorm / activation) when both jvps get the same ``u``
-object. A plain ``jnp`` op between two layers (a residual add, a reshape,
-dropout) produces distinct tracers for the inner and outer tangents, and the
-next layer takes the exact XLA fallback instead; so does passing one
+stacks of Dense / LayerNorm / activation / attention, with residual
+connections written with :func:`add`) when both jvps get the same ``u``
+object. A plain ``jnp`` op between two layers (``x + y`` for a residual, a
+reshape, dropout) produces distinct tracers for the inner and outer
+tangents, and the next layer takes the exact XLA fallback instead; so does passing one
 direction as two separate arguments of a jitted function (they become two
 tracers). Values, gradients, ``jax.jvp``, ``jax.jvp(jax.grad(f))``,
 ``jax.grad`` of a jvp and ``jax.vmap`` all work; the fused path needs float
@@ -73,6 +74,7 @@ from cdat_fast import kernels
 __all__ = [
     "Dense",
     "LayerNorm",
+    "add",
     "attention",
     "gelu",
     "jet_activation",
@@ -471,3 +473,37 @@ def attention(query: Array, key: Array, value: Array, *, num_heads: int,
     raise ValueError("attention: causal needs as many keys as queries, got"
                      f" {query.shape[-2]} and {key.shape[-2]}")
   return _attention_op(num_heads, bool(causal), bool(fused))(query, key, value)
+
+
+# ---------------------------------------------------------------------------
+# Residual add.
+# ---------------------------------------------------------------------------
+
+
+def _add_plain(x, y):
+  return x + y
+
+
+def _add_fused(args, dargs, ddargs):
+  def total(a, b, like):
+    if a is None and b is None:
+      return jnp.zeros_like(like)
+    return b if a is None else a if b is None else a + b
+
+  (x, y), (dx, dy), (ddx, ddy) = args, dargs, ddargs
+  out = x + y
+  return out, total(dx, dy, out), total(ddx, ddy, out)
+
+
+_add_op = _jet_op(_add_plain, _add_fused, num_activations=2)
+
+
+def add(x: Array, y: Array) -> Array:
+  """``x + y`` that keeps the fused jvp-of-jvp chain going (residuals).
+
+  The sum is linear, so its jet is the sum of the jets; what this op adds
+  over ``x + y`` is that its outer tangent *is* its inner one, so the
+  layer after a residual connection still takes its fused kernel (see the
+  module docstring). Values and derivatives are those of ``x + y``.
+  """
+  return _add_op(x, y)

@@ -355,3 +355,47 @@ def test_attention_rejects_bad_heads():
     jet_nn.attention(q, q, q, num_heads=4)
   with pytest.raises(ValueError, match="causal needs as many keys"):
     jet_nn.attention(q, q[:, :3], q[:, :3], num_heads=2, causal=True)
+
+
+class ResidualBlock(nn.Module):
+  """x + attention(LN x), then + MLP(LN ·): the chain crosses two residuals."""
+  jet: bool
+
+  @nn.compact
+  def __call__(self, x):
+    add = jet_nn.add if self.jet else (lambda a, b: a + b)
+    y = jet_nn.LayerNorm(fused=self.jet)(x)
+    q, k, v = (jet_nn.Dense(6, fused=self.jet)(y) for _ in range(3))
+    y = jet_nn.attention(q, k, v, num_heads=2, causal=True, fused=self.jet)
+    x = add(x, jet_nn.Dense(x.shape[-1], fused=self.jet)(y))
+    y = jet_nn.LayerNorm(fused=self.jet)(x)
+    y = jet_nn.relu(jet_nn.Dense(8, fused=self.jet)(y))
+    x = add(x, jet_nn.Dense(x.shape[-1], fused=self.jet)(y))
+    return jet_nn.LayerNorm(fused=self.jet)(x)
+
+
+def test_residual_add_keeps_the_chain_fused():
+  x = _normal(40, (2, 5, 4))
+  params = _shift(jax.jit(ResidualBlock(jet=False).init)(jax.random.key(41),
+                                                          x), 42, 0.3)
+  u = _perturb(params, 43)
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))
+  jet, plain = loss(ResidualBlock(jet=True)), loss(ResidualBlock(jet=False))
+  np.testing.assert_allclose(_jit_quad(jet, params, u),
+                             _jit_quad(plain, params, u), rtol=1e-4,
+                             atol=1e-5)
+  _tree_allclose(jax.jit(jax.grad(jet))(params),
+                 jax.jit(jax.grad(plain))(params), rtol=1e-5, atol=1e-6)
+  names = _pallas_calls(_quad(jet), params, u)
+  # Every layer, the ones after each residual included, ran its kernel.
+  assert sorted(names) == sorted(
+      ["layer_norm_jet"] * 3 + ["dense_jet"] * 6 + ["attention_jet",
+                                                    "activation_jet_relu"])
+
+
+def test_add_matches_plus_under_every_transform():
+  x, y = _normal(44, (3, 4)), _normal(45, (3, 4))
+  f = lambda a, b: jnp.sum(jnp.tanh(jet_nn.add(a, b)) ** 2)
+  g = lambda a, b: jnp.sum(jnp.tanh(a + b) ** 2)
+  for transform in (jax.grad, lambda h: jax.hessian(h, argnums=(0, 1))):
+    _tree_allclose(transform(f)(x, y), transform(g)(x, y))
