@@ -87,6 +87,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--sharpness-iters", type=_positive_int, default=100)
   g.add_argument("--mesh", default=None,
                  help="device mesh, e.g. data=4,fsdp=2 (default: one device)")
+  g.add_argument("--fused-kernels", action="store_true",
+                 help="MLP: CDAT's jvp-of-jvp through the fused Pallas kernels"
+                 " (for GPU/TPU; CPU interprets them, slowly)")
   g.add_argument("--checkpoint-every", type=int, default=0,
                  help="write a checkpoint every N steps into OUT/checkpoints")
   g.add_argument("--track-alignment", action="store_true",
@@ -132,7 +135,8 @@ def _configs_from_args(args) -> "TrainConfig":
       sharpness_every=args.sharpness_every,
       sharpness_iters=args.sharpness_iters,
       track_alignment=args.track_alignment,
-      checkpoint_every=args.checkpoint_every, mesh=args.mesh, optimizer=opt)
+      checkpoint_every=args.checkpoint_every, mesh=args.mesh,
+      fused_kernels=args.fused_kernels, optimizer=opt)
   cfg.validate()
   return cfg
 

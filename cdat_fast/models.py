@@ -61,6 +61,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "identity": lambda x: x,
 }
 
+_FUSED_ACTIVATIONS = ("relu", "gelu", "tanh", "silu")  # cdat_fast.nn's
 _NORMS = ("none", "layer")
 _STEMS = ("cifar", "imagenet")
 
@@ -93,26 +94,38 @@ class MLP(nn.Module):
     num_outputs: number of logits.
     activation: one of ``relu``, ``gelu``, ``tanh``, ``silu``, ``swish``,
       ``elu``, ``sigmoid``, ``identity``.
+    fused: build the layers from :mod:`cdat_fast.nn` (same parameters,
+      values and gradients), so that CDAT's jvp-of-jvp runs the fused
+      kernels; activations ``relu``, ``gelu``, ``tanh``, ``silu``. Meant for
+      GPU/TPU: on CPU the kernels run in Pallas' (slow) interpret mode.
   """
 
   features: Sequence[int] = (256, 256)
   num_outputs: int = 10
   activation: str = "relu"
+  fused: bool = False
 
   def __post_init__(self):
     for f in self.features:
       _check_positive_int("features", f, "MLP")
     _check_positive_int("num_outputs", self.num_outputs, "MLP")
     _check_choice("activation", self.activation, list(_ACTIVATIONS), "MLP")
+    if self.fused:
+      _check_choice("activation", self.activation, list(_FUSED_ACTIVATIONS),
+                    "MLP(fused=True)")
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    act = _ACTIVATIONS[self.activation]
     x = x.reshape((x.shape[0], -1))
+    if self.fused:
+      from cdat_fast import nn as jet_nn  # pylint: disable=g-import-not-at-top
+      act, dense = jet_nn.jet_activation(self.activation), jet_nn.Dense
+    else:
+      act, dense = _ACTIVATIONS[self.activation], nn.Dense
     for f in self.features:
-      x = act(nn.Dense(f)(x))
-    return nn.Dense(self.num_outputs)(x)
+      x = act(dense(f)(x))
+    return dense(self.num_outputs)(x)
 
 
 def _norm(kind: str) -> Callable[[jax.Array], jax.Array]:

@@ -207,3 +207,33 @@ def test_make_loss_fn_rejects_unknown_loss_and_negative_decay():
     losses.make_loss_fn(model, "hinge")
   with pytest.raises(ValueError, match="weight_decay"):
     losses.make_loss_fn(model, "squared", weight_decay=-1.0)
+
+
+def test_fused_mlp_is_the_mlp_with_fused_cdat_curvature():
+  """MLP(fused=True): same tree, values and CDAT step; the kernels run."""
+  import optax  # pylint: disable=g-import-not-at-top
+  import cdat_fast  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 8, 8, 1)),
+                  jnp.float32)
+  y = jnp.arange(6) % 10
+  plain = models.MLP(features=(12, 9), activation="gelu")
+  fused = models.MLP(features=(12, 9), activation="gelu", fused=True)
+  params = models.init_params(plain, jax.random.key(0), x)
+  assert (jax.tree.structure(params) ==
+          jax.tree.structure(models.init_params(fused, jax.random.key(0), x)))
+  opt = cdat_fast.cdat(optax.sgd(1.0))
+
+  def step(model):
+    f = lambda p: losses.squared_loss(model.apply({"params": p}, x), y)
+    g = jax.grad(f)(params)
+    return opt.update(g, opt.init(params), params, value_fn=f)[0]
+
+  np.testing.assert_allclose(
+      jax.flatten_util.ravel_pytree(jax.jit(lambda: step(fused))())[0],
+      jax.flatten_util.ravel_pytree(jax.jit(lambda: step(plain))())[0],
+      rtol=1e-4, atol=1e-7)
+  jaxpr = str(jax.make_jaxpr(lambda: step(fused))())
+  assert "dense_jet" in jaxpr and "activation_jet_gelu" in jaxpr
+  assert "dense_jet" not in str(jax.make_jaxpr(lambda: step(plain))())
+  with pytest.raises(ValueError, match="MLP\\(fused=True\\): activation"):
+    models.MLP(activation="elu", fused=True)

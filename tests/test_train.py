@@ -155,3 +155,21 @@ def test_cheap_curvature_modes_train(kw, digits):
   r = Trainer(cfg, dataset=digits).run(progress=False, echo=None)
   assert r.summary["status"] == "ok"
   assert r.summary["final_loss"] < r.summary["initial_loss"]
+
+
+def test_fused_kernels_run_matches_the_plain_one(digits):
+  """--fused-kernels: same parameters, so the same run up to rounding."""
+  cfg = dict(**{**TINY, "steps": 4})
+  fused = Trainer(TrainConfig(**cfg, fused_kernels=True), dataset=digits).run(
+      progress=False, echo=None)
+  plain = Trainer(TrainConfig(**cfg), dataset=digits).run(
+      progress=False, echo=None)
+  np.testing.assert_allclose(fused.history["learning_rate"],
+                             plain.history["learning_rate"], rtol=1e-4)
+  np.testing.assert_allclose(fused.history["loss"], plain.history["loss"],
+                             rtol=1e-5)
+
+
+def test_fused_kernels_need_the_mlp():
+  with pytest.raises(ValueError, match="fused_kernels must be used with"):
+    TrainConfig(**TINY, model="resnet", fused_kernels=True).validate()
