@@ -363,6 +363,29 @@ def block_sweep(bench, kernels, interpret, tokens, d, dtype):
             f"{str(e).splitlines()[0]}")
 
 
+def _compare_models(bench, label, jet_model, ref_model, x, ref_name):
+  """Times uᵀHu by jvp-of-jvp of a model against a reference, one line."""
+  params = jax.jit(ref_model.init)(jax.random.key(1), x)
+  u = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+
+  def quad(model):
+    f = lambda p: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
+    return jax.jit(lambda p, u: jax.jvp(
+        lambda q: jax.jvp(f, (q,), (u,))[1], (p,), (u,)))
+
+  try:
+    q_jet, q_ref = quad(jet_model), quad(ref_model)
+    err = _rel_err(q_jet(params, u), q_ref(params, u))
+    t_jet, t_ref = _time(q_jet, params, u), _time(q_ref, params, u)
+    print(f"  {label:<13} fused {t_jet * 1e3:8.3f} ms  {ref_name} "
+          f"{t_ref * 1e3:8.3f} ms  {ref_name}/fused {t_ref / t_jet:5.2f}  "
+          f"rel.err {err:.1e}")
+  except Exception as e:  # pylint: disable=broad-except
+    bench.failures.append(f"{label}: {type(e).__name__}")
+    print(f"  {label:<13} ERROR {type(e).__name__}: "
+          f"{str(e).splitlines()[0]}")
+
+
 def mlp_section(bench, tokens_list, d, dtype):
   """uᵀHu of an MLP with cdat_fast.nn layers vs flax.linen (needs flax)."""
   try:
@@ -384,26 +407,8 @@ def mlp_section(bench, tokens_list, d, dtype):
     if bench.out_of_time():
       return
     x = _randn(jax.random.key(0), (tokens, d), dtype)
-    params = jax.jit(mlp(fnn).init)(jax.random.key(1), x)
-    u = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
-
-    def quad(lib):
-      model = mlp(lib)
-      f = lambda p: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
-      return jax.jit(lambda p, u: jax.jvp(
-          lambda q: jax.jvp(f, (q,), (u,))[1], (p,), (u,)))
-
-    try:
-      q_jet, q_flax = quad(jet_nn), quad(fnn)
-      err = _rel_err(q_jet(params, u), q_flax(params, u))
-      t_jet, t_flax = _time(q_jet, params, u), _time(q_flax, params, u)
-      print(f"  tokens={tokens:<6} cdat_fast.nn {t_jet * 1e3:8.3f} ms  "
-            f"flax {t_flax * 1e3:8.3f} ms  flax/jet {t_flax / t_jet:5.2f}  "
-            f"rel.err {err:.1e}")
-    except Exception as e:  # pylint: disable=broad-except
-      bench.failures.append(f"MLP {tokens}: {type(e).__name__}")
-      print(f"  tokens={tokens:<6} ERROR {type(e).__name__}: "
-            f"{str(e).splitlines()[0]}")
+    _compare_models(bench, f"tokens={tokens}", mlp(jet_nn), mlp(fnn), x,
+                    "flax")
 
 
 def block_section(bench, seq_list, d, heads, dtype, batch=4):
@@ -442,26 +447,8 @@ def block_section(bench, seq_list, d, heads, dtype, batch=4):
     if bench.out_of_time():
       return
     x = _randn(jax.random.key(0), (batch, seq, d), dtype)
-    params = jax.jit(Block(fused=False).init)(jax.random.key(1), x)
-    u = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
-
-    def quad(fused):
-      model = Block(fused=fused)
-      f = lambda p: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
-      return jax.jit(lambda p, u: jax.jvp(
-          lambda q: jax.jvp(f, (q,), (u,))[1], (p,), (u,)))
-
-    try:
-      q_jet, q_xla = quad(True), quad(False)
-      err = _rel_err(q_jet(params, u), q_xla(params, u))
-      t_jet, t_xla = _time(q_jet, params, u), _time(q_xla, params, u)
-      print(f"  seq={seq:<6} fused {t_jet * 1e3:8.3f} ms  xla "
-            f"{t_xla * 1e3:8.3f} ms  xla/fused {t_xla / t_jet:5.2f}  "
-            f"rel.err {err:.1e}")
-    except Exception as e:  # pylint: disable=broad-except
-      bench.failures.append(f"block {seq}: {type(e).__name__}")
-      print(f"  seq={seq:<6} ERROR {type(e).__name__}: "
-            f"{str(e).splitlines()[0]}")
+    _compare_models(bench, f"seq={seq}", Block(fused=True), Block(fused=False),
+                    x, "xla")
 
 
 def main(argv=None) -> int:
