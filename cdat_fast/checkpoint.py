@@ -111,7 +111,7 @@ class Checkpointer:
 
   def restore_latest(self, carry_like, cfg) -> Restored:
     """Restores the newest complete checkpoint into the structure of ``carry_like``."""
-    from cdat_fast.train import config_to_dict
+    from cdat_fast.train import config_from_dict, config_to_dict
     steps = self.steps()
     if not steps:
       raise CheckpointError(f"{self.dir}: no complete checkpoint to resume from")
@@ -121,8 +121,13 @@ class Checkpointer:
     except (OSError, ValueError) as e:
       raise CheckpointError(
           f"{self.dir}/step_{step}.json: unreadable checkpoint metadata: {e}")
-    diffs = config_differences(meta["config"], json.loads(json.dumps(
-        config_to_dict(cfg), default=str)))
+    as_json = lambda c: json.loads(json.dumps(config_to_dict(c), default=str))
+    saved = meta["config"]
+    try:  # Fields added since the checkpoint was written take their defaults.
+      saved = as_json(config_from_dict(saved))
+    except TypeError:  # Unknown fields: compare as written, and report them.
+      pass
+    diffs = config_differences(saved, as_json(cfg))
     if diffs:
       raise CheckpointError(
           f"{self.dir}: checkpoint from an incompatible configuration ("

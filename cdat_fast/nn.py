@@ -39,9 +39,9 @@ stacks of Dense / LayerNorm / activation / attention, with residual
 connections written with :func:`add`) when both jvps get the same ``u``
 object. A plain ``jnp`` op between two layers (``x + y`` for a residual, a
 reshape, dropout) produces distinct tracers for the inner and outer
-tangents, and the next layer takes the exact XLA fallback instead; so does passing one
-direction as two separate arguments of a jitted function (they become two
-tracers). Values, gradients, ``jax.jvp``, ``jax.jvp(jax.grad(f))``,
+tangents, and the next layer takes the exact XLA fallback instead; so does
+passing one direction as two separate arguments of a jitted function (they
+become two tracers). Values, gradients, ``jax.jvp``, ``jax.jvp(jax.grad(f))``,
 ``jax.grad`` of a jvp and ``jax.vmap`` all work; the fused path needs float
 inputs (what flax layers take).
 

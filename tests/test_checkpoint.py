@@ -48,6 +48,23 @@ def test_incompatible_checkpoint_is_reported(tmp_path, digits):
                                        resume=True)
 
 
+def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path, digits):
+  """A field added since the checkpoint was written takes its default."""
+  Trainer(TrainConfig(**BASE, steps=3), dataset=digits).run(
+      tmp_path, progress=False, echo=None)
+  for meta_path in (tmp_path / "checkpoints").glob("step_*.json"):
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["fused_kernels"]
+    meta_path.write_text(json.dumps(meta))
+  r = Trainer(TrainConfig(**BASE, steps=6), dataset=digits).run(
+      tmp_path, progress=False, echo=None, resume=True)
+  assert len(r.history["loss"]) == 6
+  with pytest.raises(CheckpointError, match="fused_kernels"):
+    Trainer(TrainConfig(**BASE, steps=9, fused_kernels=True),
+            dataset=digits).run(tmp_path, progress=False, echo=None,
+                                resume=True)
+
+
 def test_resume_without_checkpoint(tmp_path, digits):
   with pytest.raises(CheckpointError, match="no complete checkpoint"):
     Trainer(TrainConfig(**BASE, steps=3), dataset=digits).run(
