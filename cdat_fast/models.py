@@ -415,6 +415,11 @@ class NanoLM(nn.Module):
     head_size: total query/key/value width (divisible by ``num_heads``).
     embed_size: residual stream width.
     block_size: maximal sequence length (size of the position table).
+    fused: build the model from :mod:`cdat_fast.nn` (same parameter tree and
+      initial values, same values and gradients), so that CDAT's jvp-of-jvp
+      runs the fused kernels end to end: embeddings, residual adds, layer
+      norms, attention, the MLP and the head. Meant for GPU/TPU: on CPU the
+      kernels run in Pallas' (slow) interpret mode.
   """
 
   vocab_size: int = 65
@@ -423,6 +428,7 @@ class NanoLM(nn.Module):
   head_size: int = 16
   embed_size: int = 64
   block_size: int = 64
+  fused: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "head_size",
@@ -443,24 +449,34 @@ class NanoLM(nn.Module):
           f"NanoLM: sequence length {seq_len} exceeds block_size="
           f"{self.block_size}."
       )
-    x = nn.Embed(self.vocab_size, self.embed_size, name="embed")(tokens)
-    x = x + nn.Embed(self.block_size, self.embed_size, name="pos_embed")(
-        jnp.arange(seq_len))
-    mask = nn.make_causal_mask(tokens)
+    if self.fused:
+      from cdat_fast import nn as lib  # pylint: disable=g-import-not-at-top
+      add = lib.add
+
+      def attn(name):
+        return lambda y: lib.MultiHeadAttention(
+            num_heads=self.num_heads, qkv_features=self.head_size,
+            out_features=self.embed_size, causal=True, name=name)(y)
+    else:
+      lib, add = nn, lambda a, b: a + b
+      mask = nn.make_causal_mask(tokens)
+
+      def attn(name):
+        return lambda y: nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, qkv_features=self.head_size,
+            out_features=self.embed_size, name=name)(y, y, mask=mask)
+
+    x = lib.Embed(self.vocab_size, self.embed_size, name="embed")(tokens)
+    x = add(x, lib.Embed(self.block_size, self.embed_size, name="pos_embed")(
+        jnp.arange(seq_len)))
     for i in range(self.num_layers):
-      y = nn.LayerNorm(name=f"ln_1_{i}")(x)
-      y = nn.MultiHeadDotProductAttention(
-          num_heads=self.num_heads,
-          qkv_features=self.head_size,
-          out_features=self.embed_size,
-          name=f"attn_{i}",
-      )(y, y, mask=mask)
-      x = x + y
-      y = nn.LayerNorm(name=f"ln_2_{i}")(x)
-      y = nn.relu(nn.Dense(4 * self.embed_size, name=f"mlp_fc_{i}")(y))
-      x = x + nn.Dense(self.embed_size, name=f"mlp_proj_{i}")(y)
-    x = nn.LayerNorm(name="ln_f")(x)
-    return nn.Dense(self.vocab_size, name="head")(x)
+      y = lib.LayerNorm(name=f"ln_1_{i}")(x)
+      x = add(x, attn(f"attn_{i}")(y))
+      y = lib.LayerNorm(name=f"ln_2_{i}")(x)
+      y = lib.relu(lib.Dense(4 * self.embed_size, name=f"mlp_fc_{i}")(y))
+      x = add(x, lib.Dense(self.embed_size, name=f"mlp_proj_{i}")(y))
+    x = lib.LayerNorm(name="ln_f")(x)
+    return lib.Dense(self.vocab_size, name="head")(x)
 
 
 def _resnet_config(stages, bottleneck, norm):

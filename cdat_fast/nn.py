@@ -6,11 +6,12 @@ computed as the second-order term of jvp-of-jvp along the update direction
 
   jax.jvp(lambda p: jax.jvp(f, (p,), (u,))[1], (params,), (u,))
 
-Here :class:`Dense`, :class:`LayerNorm`, the activations (:func:`relu`,
-:func:`gelu`, :func:`tanh`, :func:`silu`, :func:`jet_activation`) and
-:func:`attention` are drop-in replacements for their ``flax.linen``
-counterparts (same arguments that matter, same parameter trees, same values
-and gradients) whose second-order forward pass goes through
+Here :class:`Dense`, :class:`LayerNorm`, :class:`Embed`,
+:class:`MultiHeadAttention`, the activations (:func:`relu`, :func:`gelu`,
+:func:`tanh`, :func:`silu`, :func:`jet_activation`), :func:`attention` and
+:func:`add` are drop-in replacements for their ``flax.linen`` counterparts
+(same arguments that matter, same parameter trees, same values and
+gradients) whose second-order forward pass goes through
 :func:`~cdat_fast.kernels.dense_jet`,
 :func:`~cdat_fast.kernels.activation_jet`,
 :func:`~cdat_fast.kernels.layer_norm_jet` and
@@ -36,7 +37,8 @@ How it is wired. Each layer is an op :math:`y = g(a_1, \\dots, a_k)` (for
 
 So the fused path is taken in chains of these layers (an MLP, pre-norm
 stacks of Dense / LayerNorm / activation / attention, with residual
-connections written with :func:`add`) when both jvps get the same ``u``
+connections written with :func:`add`; ``models.NanoLM(fused=True)`` end to
+end, from its embeddings to its head) when both jvps get the same ``u``
 object. A plain ``jnp`` op between two layers (``x + y`` for a residual, a
 reshape, dropout) produces distinct tracers for the inner and outer
 tangents, and the next layer takes the exact XLA fallback instead; so does
@@ -60,6 +62,7 @@ Examples:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as fnn
@@ -73,7 +76,9 @@ from cdat_fast import kernels
 
 __all__ = [
     "Dense",
+    "Embed",
     "LayerNorm",
+    "MultiHeadAttention",
     "add",
     "attention",
     "gelu",
@@ -149,8 +154,9 @@ def _jet_op(plain_fn: Callable[..., Array],
   Args:
     plain_fn: the layer's formula, ``plain_fn(*args) -> y``; args may be None.
     fused_fn: ``fused_fn(args, dargs, ddx) -> (y, dy, ddy)`` for the repeated-
-      direction case (``dargs`` entries and ``ddx`` may be None for zero), or
-      None to always use the exact XLA fallback. With ``num_activations > 1``
+      direction case (``dargs`` entries and ``ddx`` may be None for zero;
+      ``ddy`` may be None when it is zero), or None to always use the exact
+      XLA fallback. With ``num_activations > 1``
       ``ddx`` is the tuple of the first ``num_activations`` arguments'
       second-order tangents.
     num_activations: how many leading arguments are activations, whose
@@ -173,7 +179,12 @@ def _jet_op(plain_fn: Callable[..., Array],
                  for t in tdargs[:num_activations])
       ddx = dd[0] if num_activations == 1 else dd
       dtype = jax.eval_shape(plain_fn, *args).dtype
-      y, dy, ddy = (v.astype(dtype) for v in fused_fn(args, dargs, ddx))
+      y, dy, ddy = fused_fn(args, dargs, ddx)
+      y, dy = y.astype(dtype), dy.astype(dtype)
+      # None: a second-order tangent known to be zero (a linear op of the
+      # parameters, e.g. an embedding lookup), passed on symbolically.
+      ddy = (SymbolicZero(jax.typeof(dy).to_tangent_aval()) if ddy is None
+             else ddy.astype(dtype))
       return (y, dy), (dy, ddy)
     n = len(args)
     return _jvp_present(lambda *a: first_order(a[:n], a[n:]),
@@ -197,16 +208,34 @@ def _jet_op(plain_fn: Callable[..., Array],
 # ---------------------------------------------------------------------------
 
 
+def _as_matrix(x, kernel, bias):
+  """An N-d kernel ``(*in, *out)`` with ``prod(in) == x.shape[-1]`` as a matrix.
+
+  The layouts of ``flax.linen.DenseGeneral`` in multi-head attention
+  (``(E, H, D)`` projections in, ``(H, D, E)`` out) act on merged heads as
+  ``(E, H·D)`` and ``(H·D, E)`` matrices; the bias is flattened to match.
+  """
+  if kernel is not None and kernel.ndim != 2:
+    kernel = kernel.reshape(x.shape[-1], -1)
+  if bias is not None and bias.ndim != 1:
+    bias = bias.reshape(-1)
+  return kernel, bias
+
+
 @functools.lru_cache(maxsize=None)
 def _dense_op(precision, dtype, fused: bool):
   """The op ``x @ kernel + bias`` with flax's dtype promotion and contraction.
 
   The promotion happens inside the op, so the op sees the parameters
-  themselves (and their tangents), whatever ``dtype`` is.
+  themselves (and their tangents), whatever ``dtype`` is. So does the
+  flattening of N-d kernels (:func:`_as_matrix`): a reshape outside the op
+  would give the inner and outer tangents distinct tracers and break the
+  repeated-direction chain.
   """
 
   def dense(x, kernel, bias):
     x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    kernel, bias = _as_matrix(x, kernel, bias)
     y = lax.dot_general(
         x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
     if bias is not None:
@@ -217,6 +246,8 @@ def _dense_op(precision, dtype, fused: bool):
     target = flax_dtypes.canonicalize_dtype(*args, dtype=dtype)
     x, kernel, bias, dx, dkernel, dbias, ddx = (
         None if a is None else a.astype(target) for a in (*args, *dargs, ddx))
+    kernel, bias = _as_matrix(x, kernel, bias)
+    dkernel, dbias = _as_matrix(x, dkernel, dbias)
     return kernels.dense_jet(x, kernel, bias, dx, dkernel, dbias, ddx,
                              precision=precision)
 
@@ -262,6 +293,109 @@ class Dense(fnn.Module):
                         self.param_dtype)
     op = _dense_op(self.precision, self.dtype, self.fused)
     return op(inputs, kernel, bias)
+
+
+class _HeadsDense(fnn.Module):
+  """``flax.linen.DenseGeneral``'s multi-head projections on merged heads.
+
+  Kernel ``(*in_shape, *features)`` and bias ``features``, initialised flat
+  and reshaped as DenseGeneral does (same values from the same key); applied
+  to inputs whose last axis is ``prod(in_shape)`` (the heads merged), with
+  outputs of ``prod(features)`` merged features.
+  """
+  in_shape: tuple[int, ...]
+  features: tuple[int, ...]
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = fnn.initializers.lecun_normal()
+  bias_init: Initializer = fnn.initializers.zeros_init()
+  fused: bool = True
+
+  @fnn.compact
+  def __call__(self, inputs: Array) -> Array:
+    n_in, n_out = math.prod(self.in_shape), math.prod(self.features)
+    if jnp.shape(inputs)[-1] != n_in:
+      raise ValueError(f"{self.name}: inputs have {jnp.shape(inputs)[-1]}"
+                       f" features, expected {n_in} {self.in_shape}")
+
+    def flat(init, flat_shape):
+      return lambda key, shape, dtype: jnp.reshape(
+          init(key, flat_shape, dtype), shape)
+
+    kernel = self.param("kernel", flat(self.kernel_init, (n_in, n_out)),
+                        self.in_shape + self.features, self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", flat(self.bias_init, (n_out,)),
+                        self.features, self.param_dtype)
+    return _dense_op(self.precision, self.dtype, self.fused)(inputs, kernel,
+                                                            bias)
+
+
+# ---------------------------------------------------------------------------
+# Embed.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _embed_op(dtype, fused: bool):
+  """The lookup ``table[indices]`` as an op of ``(indices, table)``."""
+
+  def embed(indices, table):
+    (table,) = flax_dtypes.promote_dtype(table, dtype=dtype, inexact=False)
+    if table.shape[0] == 1:
+      return jnp.broadcast_to(table[0], indices.shape + table.shape[1:])
+    return jnp.take(table, indices, axis=0)
+
+  def embed_fused(args, dargs, ddx):
+    del ddx  # Integer indices: no tangent.
+    (indices, table), (_, dtable) = args, dargs
+    y = embed(indices, table)
+    # Linear in the table: the second-order tangent is zero (symbolic).
+    return y, jnp.zeros_like(y) if dtable is None else embed(indices,
+                                                               dtable), None
+
+  return _jet_op(embed, embed_fused if fused else None)
+
+
+class Embed(fnn.Module):
+  """Drop-in for ``flax.linen.Embed`` that keeps the fused jet chain going.
+
+  .. math:: y = E_{i,:}
+
+  The lookup is linear in the table, so its jet along ``u`` is
+  ``(E[i], U[i], 0)``; what this layer adds over flax's is that the outer
+  tangent of its output *is* the inner one and the second-order tangent is a
+  symbolic zero, so the layers after an embedding (a :func:`add` of token
+  and position embeddings, then :class:`LayerNorm`) take their fused
+  kernels. Parameters ``{"embedding": (num_embeddings, features)}``, values
+  and gradients as flax's.
+
+  Attributes:
+    num_embeddings: number of rows of the table.
+    features: embedding size.
+    dtype: output dtype (default: the table's).
+    param_dtype: dtype of the table.
+    embedding_init: initializer of the table (flax's default).
+    fused: keep the fused chain (False: plain XLA).
+  """
+  num_embeddings: int
+  features: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  embedding_init: Initializer = fnn.linear.default_embed_init
+  fused: bool = True
+
+  @fnn.compact
+  def __call__(self, inputs: Array) -> Array:
+    if not jnp.issubdtype(jnp.result_type(inputs), jnp.integer):
+      raise ValueError(f"Embed: inputs must be integers, got dtype"
+                       f" {jnp.result_type(inputs)}")
+    table = self.param("embedding", self.embedding_init,
+                       (self.num_embeddings, self.features), self.param_dtype)
+    return _embed_op(self.dtype, self.fused)(inputs, table)
 
 
 # ---------------------------------------------------------------------------
@@ -475,6 +609,71 @@ def attention(query: Array, key: Array, value: Array, *, num_heads: int,
   return _attention_op(num_heads, bool(causal), bool(fused))(query, key, value)
 
 
+class MultiHeadAttention(fnn.Module):
+  """Drop-in for ``flax.linen.MultiHeadDotProductAttention`` (fused jet).
+
+  .. math::
+    o = \\big[\\mathrm{softmax}(q_h k_h^\\top / \\sqrt{D})\\, v_h\\big]_h W_o
+    + b_o, \\quad q = x_q W_q + b_q,\\ k = x_{kv} W_k + b_k,\\
+    v = x_{kv} W_v + b_v.
+
+  Same parameter tree and initial values as flax's module (``query``,
+  ``key``, ``value`` kernels ``(E, H, D)``, ``out`` kernel ``(H, D, E_out)``,
+  biases to match) and the same values and gradients; the heads stay merged
+  between the projections and :func:`attention`, so the whole layer's
+  jvp-of-jvp runs four :func:`~cdat_fast.kernels.dense_jet` calls and one
+  :func:`~cdat_fast.kernels.attention_jet`. Masks are limited to
+  ``causal`` (flax's ``make_causal_mask``); no dropout, no decoding cache.
+
+  Attributes:
+    num_heads: ``H``.
+    qkv_features: total query/key/value width ``H·D`` (default: the input
+      width).
+    out_features: output width (default: the query input width).
+    causal: mask keys after each query's position.
+    use_bias: biases on the four projections.
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: dtype of the parameters.
+    precision: ``lax.dot_general`` precision of the projections.
+    kernel_init: initializer of the projection kernels.
+    bias_init: initializer of the biases.
+    fused: route jvp-of-jvp through the fused kernels (False: plain XLA).
+  """
+  num_heads: int
+  qkv_features: int | None = None
+  out_features: int | None = None
+  causal: bool = False
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = fnn.initializers.lecun_normal()
+  bias_init: Initializer = fnn.initializers.zeros_init()
+  fused: bool = True
+
+  @fnn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None = None) -> Array:
+    if inputs_kv is None:
+      inputs_kv = inputs_q
+    qkv = self.qkv_features or jnp.shape(inputs_q)[-1]
+    out = self.out_features or jnp.shape(inputs_q)[-1]
+    if qkv % self.num_heads:
+      raise ValueError(f"MultiHeadAttention: qkv_features={qkv} must be"
+                       f" divisible by num_heads={self.num_heads}")
+    heads = (self.num_heads, qkv // self.num_heads)
+    proj = functools.partial(
+        _HeadsDense, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, precision=self.precision,
+        kernel_init=self.kernel_init, bias_init=self.bias_init,
+        fused=self.fused)
+    q = proj((jnp.shape(inputs_q)[-1],), heads, name="query")(inputs_q)
+    k = proj((jnp.shape(inputs_kv)[-1],), heads, name="key")(inputs_kv)
+    v = proj((jnp.shape(inputs_kv)[-1],), heads, name="value")(inputs_kv)
+    o = attention(q, k, v, num_heads=self.num_heads, causal=self.causal,
+                  fused=self.fused)
+    return proj(heads, (out,), name="out")(o)
+
+
 # ---------------------------------------------------------------------------
 # Residual add.
 # ---------------------------------------------------------------------------
@@ -485,14 +684,17 @@ def _add_plain(x, y):
 
 
 def _add_fused(args, dargs, ddargs):
-  def total(a, b, like):
-    if a is None and b is None:
-      return jnp.zeros_like(like)
-    return b if a is None else a if b is None else a + b
-
   (x, y), (dx, dy), (ddx, ddy) = args, dargs, ddargs
   out = x + y
-  return out, total(dx, dy, out), total(ddx, ddy, out)
+
+  def total(a, b):  # None: zero; broadcasts like x + y.
+    if a is None and b is None:
+      return None
+    return jnp.broadcast_to(b if a is None else a if b is None else a + b,
+                            out.shape)
+
+  d = total(dx, dy)
+  return out, jnp.zeros_like(out) if d is None else d, total(ddx, ddy)
 
 
 _add_op = _jet_op(_add_plain, _add_fused, num_activations=2)

@@ -39,6 +39,9 @@ from cdat_fast.models import get_model, init_params
 from cdat_fast.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
 from cdat_fast.tuned import TunedState
 
+# Models with a ``fused`` variant built from cdat_fast.nn (--fused-kernels).
+FUSED_MODELS = ("mlp", "nanolm", "nanolm-paper")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -62,7 +65,7 @@ class TrainConfig:
   divergence_factor: float = 1e3  # stop when loss > factor × initial loss
   checkpoint_every: int = 0  # 0: no checkpoints
   mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: one device
-  fused_kernels: bool = False  # MLP from cdat_fast.nn (fused jvp-of-jvp)
+  fused_kernels: bool = False  # model from cdat_fast.nn (fused jvp-of-jvp)
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def validate(self) -> None:
@@ -81,9 +84,10 @@ class TrainConfig:
     checks.check_choice("loss", self.loss, ("squared", "cross_entropy"))
     from cdat_fast.optimizers import validate
     validate(self.optimizer)
-    if self.fused_kernels and self.model != "mlp":
-      raise ValueError("fused_kernels must be used with model 'mlp' (the"
-                       f" models built from cdat_fast.nn), got {self.model!r}")
+    if self.fused_kernels and self.model not in FUSED_MODELS:
+      raise ValueError(f"fused_kernels must be used with a model in"
+                       f" {FUSED_MODELS} (the models built from cdat_fast.nn),"
+                       f" got {self.model!r}")
     if self.curvature_batch is not None and self.optimizer.tuner not in (
         "cdat", "quadratic_greedy"):
       raise ValueError("curvature_batch applies to the cdat and"
@@ -113,8 +117,8 @@ def build_model(cfg: TrainConfig, dataset: Dataset):
   overrides = {}
   if cfg.model == "mlp":
     overrides["features"] = (cfg.width,) * cfg.depth
-    if cfg.fused_kernels:
-      overrides["fused"] = True
+  if cfg.fused_kernels:
+    overrides["fused"] = True
   return get_model(cfg.model, dataset.num_classes, **overrides)
 
 

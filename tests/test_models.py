@@ -237,3 +237,4 @@ def test_fused_mlp_is_the_mlp_with_fused_cdat_curvature():
   assert "dense_jet" not in str(jax.make_jaxpr(lambda: step(plain))())
   with pytest.raises(ValueError, match="MLP\\(fused=True\\): activation"):
     models.MLP(activation="elu", fused=True)
+

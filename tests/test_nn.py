@@ -399,3 +399,109 @@ def test_add_matches_plus_under_every_transform():
   g = lambda a, b: jnp.sum(jnp.tanh(a + b) ** 2)
   for transform in (jax.grad, lambda h: jax.hessian(h, argnums=(0, 1))):
     _tree_allclose(transform(f)(x, y), transform(g)(x, y))
+
+
+def test_embed_matches_flax_and_keeps_the_chain_fused():
+  tokens = jnp.asarray([[0, 3, 1], [2, 2, 4]])
+  flax_embed, jet_embed = nn.Embed(5, 4), jet_nn.Embed(5, 4)
+  params = jax.jit(flax_embed.init)(jax.random.key(50), tokens)
+  _tree_allclose(jet_embed.init(jax.random.key(50), tokens), params, 0, 0)
+  np.testing.assert_array_equal(jet_embed.apply(params, tokens),
+                                flax_embed.apply(params, tokens))
+  u = _perturb(params, 51)
+
+  def loss(embed, norm):
+    return lambda p: jnp.sum(jnp.sin(norm.apply(
+        p["n"], embed.apply(p["e"], tokens))))
+
+  norm_params = _shift(jet_nn.LayerNorm().init(jax.random.key(52),
+                                               jnp.ones((4,))), 53, 0.3)
+  p = {"e": params, "n": norm_params}
+  u = {"e": u, "n": _perturb(norm_params, 54)}
+  jet = loss(jet_embed, jet_nn.LayerNorm())
+  np.testing.assert_allclose(_jit_quad(jet, p, u),
+                             _jit_quad(loss(flax_embed, nn.LayerNorm()), p, u),
+                             rtol=1e-5, atol=1e-6)
+  # The layer norm after the lookup ran its kernel (after flax's Embed it
+  # would take the exact fallback: distinct inner and outer tangents).
+  assert _pallas_calls(_quad(jet), p, u) == ["layer_norm_jet"]
+  assert not _pallas_calls(_quad(loss(flax_embed, jet_nn.LayerNorm())), p, u)
+  _tree_allclose(jax.grad(jet)(p),
+                 jax.grad(loss(flax_embed, nn.LayerNorm()))(p))
+  with pytest.raises(ValueError, match="Embed: inputs must be integers"):
+    jet_embed.apply(params, jnp.ones((2, 3)))
+
+
+def test_multi_head_attention_matches_flax():
+  """Same tree and initial values as flax's module, same values, jet exact."""
+  xq, xkv = _normal(55, (2, 5, 6)), _normal(56, (2, 7, 3))
+  kw = dict(num_heads=2, qkv_features=8, out_features=4)
+  flax_mha = nn.MultiHeadDotProductAttention(**kw)
+  jet_mha = jet_nn.MultiHeadAttention(**kw)
+  params = flax_mha.init(jax.random.key(57), xq, xkv)
+  _tree_allclose(jet_mha.init(jax.random.key(57), xq, xkv), params, 0, 0)
+  params = _shift(params, 58, 0.3)
+  np.testing.assert_allclose(jet_mha.apply(params, xq, xkv),
+                             flax_mha.apply(params, xq, xkv), rtol=1e-5,
+                             atol=1e-6)
+  # Causal self-attention against flax's with make_causal_mask.
+  mask = nn.make_causal_mask(jnp.ones(xq.shape[:2]))
+  causal = jet_nn.MultiHeadAttention(causal=True, **kw)
+  self_params = _shift(flax_mha.init(jax.random.key(59), xq), 60, 0.3)
+  plain = lambda p: jnp.sum(jnp.tanh(flax_mha.apply(p, xq, xq, mask=mask)))
+  jet = lambda p: jnp.sum(jnp.tanh(causal.apply(p, xq)))
+  u = _perturb(self_params, 61)
+  np.testing.assert_allclose(_jit_quad(jet, self_params, u),
+                             _jit_quad(plain, self_params, u), rtol=1e-4,
+                             atol=1e-5)
+  assert sorted(_pallas_calls(_quad(jet), self_params, u)) == (
+      ["attention_jet"] + ["dense_jet"] * 4)
+  with pytest.raises(ValueError, match="qkv_features=7 must be divisible"):
+    jet_nn.MultiHeadAttention(num_heads=2, qkv_features=7).init(
+        jax.random.key(0), xq)
+
+
+def test_fused_nanolm_is_the_nanolm_with_fused_cdat_curvature():
+  """NanoLM(fused=True): same parameters from the same key, same loss,
+  gradient and CDAT quadratic form, and every layer's jet runs its kernel."""
+  from cdat_fast import models  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 11, (2, 6)))
+  targets = jnp.roll(tokens, -1, axis=1)
+  kw = dict(vocab_size=11, num_layers=1, num_heads=2, head_size=8,
+            embed_size=8, block_size=8)
+  plain, fused = models.NanoLM(**kw), models.NanoLM(fused=True, **kw)
+  params = models.init_params(plain, jax.random.key(0), tokens)
+  np.testing.assert_array_equal(
+      jax.flatten_util.ravel_pytree(params)[0],
+      jax.flatten_util.ravel_pytree(
+          models.init_params(fused, jax.random.key(0), tokens))[0])
+  leaves, tree = jax.tree.flatten(params)
+  params = tree.unflatten([  # off the zero biases and unit scales
+      l + 0.1 * rng.standard_normal(l.shape).astype(np.float32)
+      for l in leaves])
+  u = tree.unflatten([rng.standard_normal(l.shape).astype(np.float32)
+                      for l in leaves])
+
+  def loss(model):
+    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, tokens), targets).mean()
+
+  def quad(model):
+    f = loss(model)
+    return lambda p, u: jax.jvp(lambda q: jax.jvp(f, (q,), (u,)), (p,), (u,))
+
+  (f0, df), (_, uhu) = jax.jit(quad(fused))(params, u)
+  (g0, dg), (_, vhv) = jax.jit(quad(plain))(params, u)
+  np.testing.assert_allclose([f0, df, uhu], [g0, dg, vhv], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(
+      jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss(fused)))(params))[0],
+      jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss(plain)))(params))[0],
+      rtol=1e-5, atol=1e-7)
+  # 4 projections + 2 MLP layers + head; ln_1, ln_2, ln_f: every layer
+  # fused, the layer norm right after the embeddings included.
+  assert sorted(_pallas_calls(quad(fused), params, u)) == sorted(
+      ["dense_jet"] * 7 + ["layer_norm_jet"] * 3 +
+      ["attention_jet", "activation_jet_relu"])

@@ -170,6 +170,13 @@ def test_fused_kernels_run_matches_the_plain_one(digits):
                              rtol=1e-5)
 
 
-def test_fused_kernels_need_the_mlp():
+def test_fused_kernels_need_a_model_with_a_fused_variant(digits):
   with pytest.raises(ValueError, match="fused_kernels must be used with"):
     TrainConfig(**TINY, model="resnet", fused_kernels=True).validate()
+  from cdat_fast.train import build_model
+  for name in ("mlp", "nanolm"):
+    cfg = TrainConfig(**{**TINY, "model": name})
+    assert not build_model(cfg, digits).fused
+    cfg = TrainConfig(**{**TINY, "model": name}, fused_kernels=True)
+    cfg.validate()
+    assert build_model(cfg, digits).fused
