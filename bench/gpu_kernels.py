@@ -22,7 +22,10 @@ beyond JAX is needed; the optional end-to-end MLP section needs flax.
    5 matmuls of ``2·tokens·d·d``) and GB/s (every input read once, every
    output written once).
 3. A small sweep of dense_jet block sizes, and (with flax) an MLP's uᵀHu by
-   jvp-of-jvp with ``cdat_fast.nn`` layers vs plain ``flax.linen``.
+   jvp-of-jvp with ``cdat_fast.nn`` layers vs plain ``flax.linen``, a
+   pre-LN transformer block fused vs XLA, and a whole CDAT step on the
+   paper's NanoLM (``models.NanoLM(fused=True)`` vs flax's layers) with its
+   cost relative to the base step.
 
 On a machine without a GPU it says so and exits 0. Exit status 1 when a
 correctness check fails or a kernel does not compile.
@@ -451,6 +454,67 @@ def block_section(bench, seq_list, d, heads, dtype, batch=4):
                     x, "xla")
 
 
+def nanolm_section(bench, shapes, sizes):
+  """A whole CDAT step on NanoLM: fused model vs flax's, and the base step.
+
+  ``models.NanoLM(fused=True)`` (every layer's jvp-of-jvp through the
+  kernels) against ``models.NanoLM()`` (flax's layers, XLA's jvp-of-jvp),
+  same parameters; both against the base step (loss and gradient only). The
+  ratios are what the cost of CDAT is in training: ``cdat/base`` for each.
+  """
+  try:
+    import optax  # pylint: disable=g-import-not-at-top
+    import cdat_fast  # pylint: disable=g-import-not-at-top
+    from cdat_fast import models  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"\n== NanoLM section skipped ({type(e).__name__}: {e}) ==")
+    return
+  print(f"\n== NanoLM CDAT step (f32 params; {sizes}) ==")
+  for batch, seq in shapes:
+    if bench.out_of_time():
+      return
+    label = f"B={batch} T={seq}"
+    try:
+      rng = np.random.default_rng(0)
+      tokens = jnp.asarray(rng.integers(0, sizes["vocab_size"], (batch, seq)))
+      targets = jnp.roll(tokens, -1, axis=1)
+      plain = models.NanoLM(**sizes)
+      fused = models.NanoLM(fused=True, **sizes)
+      params = models.init_params(plain, jax.random.key(0), tokens)
+      opt = cdat_fast.cdat(optax.sgd(1.0))
+
+      def loss(model):
+        return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, tokens), targets).mean()
+
+      def cdat_step(model):
+        f = loss(model)
+
+        def step(p):
+          v, g = jax.value_and_grad(f)(p)
+          u, state = opt.update(g, opt.init(p), p, value_fn=f, value=v)
+          return optax.apply_updates(p, u), state.tuner.learning_rate
+        return jax.jit(step)
+
+      def base_step(p):
+        g = jax.grad(loss(plain))(p)
+        return jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+
+      base, c_plain, c_fused = (jax.jit(base_step), cdat_step(plain),
+                                cdat_step(fused))
+      err = _rel_err((c_fused(params)[1],), (c_plain(params)[1],))
+      t_base = _time(base, params)
+      t_plain, t_fused = _time(c_plain, params), _time(c_fused, params)
+      print(f"  {label:<13} base {t_base * 1e3:8.3f} ms  cdat xla "
+            f"{t_plain * 1e3:8.3f} ms ({t_plain / t_base:4.2f}x)  cdat fused "
+            f"{t_fused * 1e3:8.3f} ms ({t_fused / t_base:4.2f}x)  "
+            f"xla/fused {t_plain / t_fused:5.2f}  eta rel.err {err:.1e}")
+    except Exception as e:  # pylint: disable=broad-except
+      bench.failures.append(f"nanolm {label}: {type(e).__name__}")
+      print(f"  {label:<13} ERROR {type(e).__name__}: "
+            f"{str(e).splitlines()[0]}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--budget", type=float, default=240.0,
@@ -491,8 +555,15 @@ def main(argv=None) -> int:
               else jnp.float32)
   if args.cpu_smoke:
     block_section(bench, (16,), 32, 2, jnp.float32, batch=1)
+    nanolm_section(bench, ((2, 8),), dict(
+        vocab_size=11, num_layers=1, num_heads=2, head_size=8, embed_size=8,
+        block_size=8))
   else:
     block_section(bench, (256, 2048), 1024, 16, jnp.bfloat16)
+    # The paper's NanoLM (appendix C.2: the optax example's sizes).
+    nanolm_section(bench, ((32, 64), (256, 64)), dict(
+        vocab_size=65, num_layers=6, num_heads=8, head_size=32,
+        embed_size=256, block_size=64))
 
   elapsed = time.perf_counter() - bench.start
   print(f"\n{elapsed:.0f} s; {bench.skipped} timing(s) skipped for the "
