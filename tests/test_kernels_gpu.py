@@ -66,3 +66,25 @@ def test_attention_jet_compiled(causal, t, d):
                                          interpret=False))(*args)
   ref = jax.jit(lambda *a: attention_jet_reference(*a, causal=causal))(*args)
   _close(out, ref, 2e-2)  # TF32 matmuls.
+
+
+def test_fused_nanolm_cdat_quadratic_form_compiled():
+  """models.NanoLM(fused=True) on the GPU: uᵀHu as flax's layers give it."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from cdat_fast import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 65, (4, 40)))
+  sizes = dict(vocab_size=65, num_layers=2, num_heads=4, head_size=64,
+               embed_size=64, block_size=64)
+  plain, fused = models.NanoLM(**sizes), models.NanoLM(fused=True, **sizes)
+  params = models.init_params(plain, jax.random.key(0), tokens)
+  u = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+
+  def quad(model):
+    f = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, tokens), jnp.roll(tokens, -1, 1)).mean()
+    return jax.jit(lambda p, u: jax.jvp(
+        lambda q: jax.jvp(f, (q,), (u,))[1], (p,), (u,)))
+
+  # TF32 matmuls on both sides (the f32 tolerance of the kernel tests).
+  _close(quad(fused)(params, u), quad(plain)(params, u), 2e-2)
