@@ -36,7 +36,12 @@ the running maximum :math:`m`, the normaliser :math:`l = \\sum e^{s_j - m}`,
 three row sums (of :math:`\\dot s, \\dot s^2, \\ddot s`) and seven weighted
 value sums (:math:`v, \\dot s v, \\dot s^2 v, \\ddot s v, \\dot v, \\dot s \\dot v,
 \\ddot v`), all rescaled by :math:`e^{m_{old} - m_{new}}` when the maximum
-moves, and expands the squares at the end. No ``T × S`` matrix is written to
+moves, and expands the squares at the end. The outputs depend on
+:math:`\\dot s` only through :math:`\\dot s - a`, so the sums take
+:math:`\\dot s - K` with :math:`K` the row's mean of :math:`\\dot s` over the
+first key block: a part of :math:`\\dot s` common to all keys (a key bias)
+then cannot make the expanded squares cancel in float32.
+No ``T × S`` matrix is written to
 memory, whereas jvp-of-jvp through XLA materialises ``s, ṡ, s̈`` and the
 probabilities and their two tangents. None exists upstream (flash attention
 has no forward-mode rule).
@@ -97,6 +102,25 @@ def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
                            precision=precision, preferred_element_type=f32)
 
+  def valid_at(start):
+    cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    valid = cols < seq_k
+    if causal:
+      valid = valid & (cols <= rows)
+    return valid
+
+  # Every output depends on ṡ only through ṡ - a, so the sums accumulate
+  # ṡ - K for a per-row shift K: the mean of ṡ over the first key block's
+  # valid keys (every row has one: key 0). A part of ṡ common to all keys
+  # (q̇ against a key bias, say) would otherwise make E[ṡ²] - a² and the
+  # expanded (ṡ - a)² terms cancel catastrophically in float32.
+  first = pl.ds(0, block_k)
+  valid0 = valid_at(0)
+  ds0 = jnp.where(valid0, dot_t(dq, k_ref[first, :].astype(f32))
+                  + dot_t(q, dk_ref[first, :].astype(f32)), 0.0)
+  shift = scale * jnp.sum(ds0, axis=1, keepdims=True) / jnp.maximum(
+      jnp.sum(valid0.astype(f32), axis=1, keepdims=True), 1.0)
+
   def body(j, carry):
     m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = carry
     start = pl.multiple_of(j * block_k, block_k)
@@ -108,12 +132,9 @@ def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
     dv = dv_ref[ks, :].astype(f32)
     ddv = ddv_ref[ks, :].astype(f32)
     s = scale * dot_t(q, k)
-    ds = scale * (dot_t(dq, k) + dot_t(q, dk))
+    ds = scale * (dot_t(dq, k) + dot_t(q, dk)) - shift
     dds = scale * (dot_t(ddq, k) + 2.0 * dot_t(dq, dk) + dot_t(q, ddk))
-    cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    valid = cols < seq_k
-    if causal:
-      valid = valid & (cols <= rows)
+    valid = valid_at(start)
     s = jnp.where(valid, s, _NEG)
     ds = jnp.where(valid, ds, 0.0)
     dds = jnp.where(valid, dds, 0.0)
@@ -149,7 +170,7 @@ def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
   m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = lax.fori_loop(
       0, num_blocks, body, init)
   inv = 1.0 / jnp.where(l > 0, l, 1.0)  # l ≥ 1 on every real row.
-  a = s1 * inv
+  a = s1 * inv  # E[ṡ] - K; the shift cancels in every output below.
   da = s2 * inv - a * a + s3 * inv
   o = v0 * inv
   do = (v1 - a * v0 + w0) * inv
@@ -358,7 +379,7 @@ def attention_jet_reference(
 
   a = expect(ds)
   dp = p * (ds - a)
-  da = expect(ds * ds) - a * a + expect(dds)
+  da = expect((ds - a) ** 2) + expect(dds)  # Two-pass: no E[ṡ²] - a².
   ddp = p * ((ds - a) ** 2 + dds - da)
   o = pv(p, v)
   do = pv(dp, v) + pv(p, dv)
