@@ -138,8 +138,13 @@ def _half(batch, second):
       v, start * (v.shape[0] // 2), v.shape[0] // 2), batch)
 
 
-def make_variant(problem: Problem, variant: str):
-  """``(init(params) -> state, step(params, state, batch) -> (p, s, loss))``."""
+def make_variant(problem: Problem, variant: str, ema: float = 0.0,
+                 extra: dict | None = None):
+  """``(init(params) -> state, step(params, state, batch) -> (p, s, loss))``.
+
+  ``ema`` is CDAT's averaging of numerator and denominator; ``extra``
+  updates the variant's ``cdat`` keyword arguments.
+  """
   loss = problem.loss
   if variant == "gd":
     lr = problem.gd_learning_rate
@@ -168,7 +173,8 @@ def make_variant(problem: Problem, variant: str):
             "every20": dict(every=20),
             "secant": dict(curvature="secant"),
             "gauss_newton": dict(curvature="gauss_newton")}.get(variant, {})
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=2.0, **kwargs)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=2.0, ema=ema,
+                       **{**kwargs, **(extra or {})})
 
   def step(p, s, batch):
     v, g = jax.value_and_grad(loss)(p, batch)

@@ -384,9 +384,13 @@ def _compare_models(bench, label, jet_model, ref_model, x, ref_name):
           f"{t_ref * 1e3:8.3f} ms  {ref_name}/fused {t_ref / t_jet:5.2f}  "
           f"rel.err {err:.1e}")
   except Exception as e:  # pylint: disable=broad-except
-    bench.failures.append(f"{label}: {type(e).__name__}")
-    print(f"  {label:<13} ERROR {type(e).__name__}: "
-          f"{str(e).splitlines()[0]}")
+    _report_error(bench, label, e)
+
+
+def _report_error(bench, label, e):
+  """A failed comparison: recorded (exit status 1) and printed on one line."""
+  bench.failures.append(f"{label}: {type(e).__name__}")
+  print(f"  {label:<13} ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
 def mlp_section(bench, tokens_list, d, dtype):
@@ -510,9 +514,7 @@ def nanolm_section(bench, shapes, sizes):
             f"{t_fused * 1e3:8.3f} ms ({t_fused / t_base:4.2f}x)  "
             f"xla/fused {t_plain / t_fused:5.2f}  eta rel.err {err:.1e}")
     except Exception as e:  # pylint: disable=broad-except
-      bench.failures.append(f"nanolm {label}: {type(e).__name__}")
-      print(f"  {label:<13} ERROR {type(e).__name__}: "
-            f"{str(e).splitlines()[0]}")
+      _report_error(bench, f"nanolm {label}", e)
 
 
 def main(argv=None) -> int:

@@ -295,23 +295,15 @@ class Dense(fnn.Module):
     return op(inputs, kernel, bias)
 
 
-class _HeadsDense(fnn.Module):
+class _HeadsDense(Dense):
   """``flax.linen.DenseGeneral``'s multi-head projections on merged heads.
 
-  Kernel ``(*in_shape, *features)`` and bias ``features``, initialised flat
-  and reshaped as DenseGeneral does (same values from the same key); applied
-  to inputs whose last axis is ``prod(in_shape)`` (the heads merged), with
-  outputs of ``prod(features)`` merged features.
+  Kernel ``(*in_shape, *features)`` and bias ``features`` (here a tuple),
+  initialised flat and reshaped as DenseGeneral does (same values from the
+  same key); applied to inputs whose last axis is ``prod(in_shape)`` (the
+  heads merged), with outputs of ``prod(features)`` merged features.
   """
-  in_shape: tuple[int, ...]
-  features: tuple[int, ...]
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
-  kernel_init: Initializer = fnn.initializers.lecun_normal()
-  bias_init: Initializer = fnn.initializers.zeros_init()
-  fused: bool = True
+  in_shape: tuple[int, ...] = ()
 
   @fnn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -666,12 +658,13 @@ class MultiHeadAttention(fnn.Module):
         param_dtype=self.param_dtype, precision=self.precision,
         kernel_init=self.kernel_init, bias_init=self.bias_init,
         fused=self.fused)
-    q = proj((jnp.shape(inputs_q)[-1],), heads, name="query")(inputs_q)
-    k = proj((jnp.shape(inputs_kv)[-1],), heads, name="key")(inputs_kv)
-    v = proj((jnp.shape(inputs_kv)[-1],), heads, name="value")(inputs_kv)
+    q = proj(in_shape=(jnp.shape(inputs_q)[-1],), features=heads,
+             name="query")(inputs_q)
+    k, v = (proj(in_shape=(jnp.shape(inputs_kv)[-1],), features=heads,
+                 name=name)(inputs_kv) for name in ("key", "value"))
     o = attention(q, k, v, num_heads=self.num_heads, causal=self.causal,
                   fused=self.fused)
-    return proj(heads, (out,), name="out")(o)
+    return proj(in_shape=heads, features=(out,), name="out")(o)
 
 
 # ---------------------------------------------------------------------------

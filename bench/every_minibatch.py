@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+r"""``every=k`` in the minibatch regime: final loss and time, side by side.
+
+The problems of ``bench_curvature.py`` (MLP and small conv net on digits, a
+small NanoLM on synthetic text), trained on minibatches of 1/8 of their data
+(the same sequence of batches for every variant of a seed) with CDAT
+``σ = 2, ema = 0.9`` (the paper's minibatch setting), GD direction:
+
+==================  ============================================================
+``gd``              constant learning rate (the base step, for time)
+``exact``           exact curvature every step (the reference)
+``every10``         ``every=10`` with the default safeguards
+``every10_single``  ``every=10, refresh_steps=1``
+``every10_noguard`` ``every=10, secant_guard=0``
+``every10_notol``   ``every=10, refresh_tol=inf`` (no early refresh)
+``every10_neither`` ``every=10, secant_guard=0, refresh_tol=inf``
+``sub4``, ``sub16`` exact curvature on 1/4, 1/16 of each minibatch
+==================  ============================================================
+
+Safeguards 3 and 4 of ``every=k`` (secant guard, early refresh) read the
+loss change between consecutive steps, which in minibatch is also the change
+of batch; this measures what they do there.
+
+The final loss is the full-data loss at the final parameters, as a ratio to
+exact CDAT's, per initialisation, and its geometric mean; time per step is the median over interleaved chunks of steps, as a
+ratio to ``gd``; "jvp steps" is the fraction of steps that ran the
+curvature jvp. Run::
+
+  python bench/every_minibatch.py                  # about 5 minutes, 2 cores
+  python bench/every_minibatch.py --models mlp --seeds 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+from bench_curvature import make_problems, make_variant
+
+INF = float("inf")
+VARIANTS = {
+    "gd": None,
+    "exact": {},
+    "every10": dict(every=10),
+    "every10_single": dict(every=10, refresh_steps=1),
+    "every10_noguard": dict(every=10, secant_guard=0.0),
+    "every10_notol": dict(every=10, refresh_tol=INF),
+    "every10_neither": dict(every=10, secant_guard=0.0, refresh_tol=INF),
+    "sub4": {},
+    "sub16": {},
+}
+
+
+def run(problem, variants, seed, steps, chunk, fraction=8):
+  """Every variant on the same minibatches; (final loss, times, jvp share)."""
+  n = jax.tree.leaves(problem.batch)[0].shape[0]
+  size = max(1, n // fraction)
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(n) for _ in range(
+      -(-steps * size // n))])[: steps * size].reshape(steps, size)
+  batches = [jax.tree.map(lambda v, i=i: v[i], problem.batch) for i in order]
+  full = jax.jit(problem.loss)
+  runs = {}
+  for name in variants:
+    init, step = make_variant(problem, name, ema=0.9,
+                              extra=VARIANTS[name] or None)
+    state = init(problem.params)
+    runs[name] = dict(fn=jax.jit(step).lower(
+        problem.params, state, batches[0]).compile(), p=problem.params,
+                      s=state, times=[])
+  for start in range(0, steps, chunk):
+    for name in variants:
+      r = runs[name]
+      p, s = r["p"], r["s"]
+      t = time.perf_counter()
+      for b in batches[start:start + chunk]:
+        p, s, _ = r["fn"](p, s, b)
+      jax.block_until_ready(p)
+      r["times"].append((time.perf_counter() - t) / chunk)
+      r["p"], r["s"] = p, s
+      if start + chunk >= steps:  # the full-data loss at the end
+        r["final"] = float(full(p, problem.batch))
+  out = {}
+  for name in variants:
+    r = runs[name]
+    jvp = (None if r["s"] == () else
+           int(optax.tree.get(r["s"], "num_refreshes")) / steps)
+    out[name] = (r["final"], statistics.median(r["times"]),
+                 jvp)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="mlp,conv,nanolm")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--chunk", type=int, default=5)
+  args = parser.parse_args(argv)
+  variants = [v for v in args.variants.split(",") if v]
+  for v in variants:
+    if v not in VARIANTS:
+      parser.error(f"--variants: unknown variant {v!r}")
+  for required in ("exact", "gd"):
+    if required not in variants:
+      variants.insert(0, required)
+  t0 = time.perf_counter()
+  loss, speed, jvp = {}, {}, {}
+  for seed in range(args.seeds):
+    for problem in make_problems(args.models.split(","), seed=seed):
+      res = run(problem, variants, seed, args.steps, args.chunk)
+      for name in variants:
+        key = (problem.name, name)
+        loss.setdefault(key, []).append(res[name][0] / res["exact"][0])
+        speed.setdefault(key, []).append(res[name][1] / res["gd"][1])
+        jvp.setdefault(key, []).append(res[name][2])
+      print(f"  {problem.name} init {seed}: " + ", ".join(
+          f"{n} {loss[(problem.name, n)][-1]:.2f}" for n in variants
+          if n != "gd"), file=sys.stderr)
+  models = list(dict.fromkeys(m for m, _ in loss))
+  print("| variant | " + " | ".join(f"{m}: loss/exact" for m in models) +
+        " | gmean | max | time/gd " + " ".join(models) + " | jvp steps |")
+  print("|---|" + "---|" * (len(models) + 4))
+  for name in variants:
+    if name == "gd":
+      continue
+    ratios = [r for m in models for r in loss[(m, name)]]
+    cells = [" ".join(f"{r:.2f}" for r in loss[(m, name)]) for m in models]
+    times = " ".join(f"{np.median(speed[(m, name)]):.2f}" for m in models)
+    shares = [s for m in models for s in jvp[(m, name)]]
+    share = "-" if None in shares else f"{100 * np.mean(shares):.0f}%"
+    print(f"| {name} | " + " | ".join(cells) +
+          f" | {np.exp(np.mean(np.log(ratios))):.2f} | {max(ratios):.2f} |"
+          f" {times} | {share} |")
+  print(f"\n(total {time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+  main()
