@@ -5,6 +5,12 @@ Since JAX 0.10 the default GPU lowering of ``pallas_call`` is Mosaic GPU
 matmuls, explicit memory spaces) that these generic block kernels are not
 written for; Triton compiler parameters select the Triton lowering, which
 takes them as they are. On CPU the kernels run in interpret mode (the tests).
+
+JAX 0.11 deprecates the Pallas Triton backend: each lowering warns
+(``DeprecationWarning``, id ``jax-pallas-triton``; an error only where that
+deprecation is accelerated). Until it is removed the kernels keep this path;
+the way forward is a Mosaic GPU port (``plgpu.kernel``) or the official
+Triton bindings through jax-triton (the optional ``gpu`` extra).
 """
 from __future__ import annotations
 
