@@ -88,7 +88,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--mesh", default=None,
                  help="device mesh, e.g. data=4,fsdp=2 (default: one device)")
   g.add_argument("--fused-kernels", action="store_true",
-                 help="mlp, nanolm, nanolm-paper: CDAT's jvp-of-jvp through"
+                 help="mlp, nanolm*, vit*, mixer*: CDAT's jvp-of-jvp through"
                  " the fused Pallas kernels"
                  " (for GPU/TPU; CPU interprets them, slowly)")
   g.add_argument("--checkpoint-every", type=int, default=0,

@@ -248,11 +248,16 @@ class MlpBlock(nn.Module):
 
   mlp_dim: int
   activation: str = "gelu"
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = _ACTIVATIONS[self.activation](nn.Dense(self.mlp_dim)(x))
-    return nn.Dense(x.shape[-1])(y)
+    if self.fused:
+      from cdat_fast import nn as jet_nn  # pylint: disable=g-import-not-at-top
+      act, dense = jet_nn.jet_activation(self.activation), jet_nn.Dense
+    else:
+      act, dense = _ACTIVATIONS[self.activation], nn.Dense
+    return dense(x.shape[-1])(act(dense(self.mlp_dim)(x)))
 
 
 class MixerBlock(nn.Module):
@@ -260,25 +265,54 @@ class MixerBlock(nn.Module):
 
   tokens_mlp_dim: int
   channels_mlp_dim: int
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.LayerNorm()(x)
-    y = jnp.swapaxes(y, 1, 2)
-    y = MlpBlock(self.tokens_mlp_dim, name="token_mixing")(y)
-    x = x + jnp.swapaxes(y, 1, 2)
-    y = nn.LayerNorm()(x)
-    return x + MlpBlock(self.channels_mlp_dim, name="channel_mixing")(y)
+    lib, add, linear = _jet_lib(self.fused)
+    swap = linear(lambda a: jnp.swapaxes(a, 1, 2))
+    y = swap(lib.LayerNorm()(x))
+    y = MlpBlock(self.tokens_mlp_dim, fused=self.fused, name="token_mixing")(y)
+    x = add(x, swap(y))
+    y = lib.LayerNorm()(x)
+    return add(x, MlpBlock(self.channels_mlp_dim, fused=self.fused,
+                           name="channel_mixing")(y))
 
 
-def _patchify(x: jax.Array, patch_size: int, hidden_dim: int) -> jax.Array:
-  """Non-overlapping patch embedding ``[B, H, W, C] -> [B, N, hidden_dim]``."""
+def _jet_lib(fused: bool):
+  """(layers module, add, linear wrapper): cdat_fast.nn's or plain flax."""
+  if fused:
+    from cdat_fast import nn as jet_nn  # pylint: disable=g-import-not-at-top
+    return jet_nn, jet_nn.add, jet_nn.linear
+  return nn, lambda a, b: a + b, lambda fn: fn
+
+
+def _patchify(x: jax.Array, patch_size: int, hidden_dim: int,
+              fused: bool = False) -> jax.Array:
+  """Non-overlapping patch embedding ``[B, H, W, C] -> [B, N, hidden_dim]``.
+
+  A strided convolution (parameters ``stem/kernel (p, p, C, hidden_dim)``
+  and ``stem/bias``). ``fused``: the same parameters applied as a dense layer
+  of :mod:`cdat_fast.nn` to the image cut into flattened ``(p, p, C)``
+  patches (what the convolution computes), so that the fused jet chain
+  starts at the stem.
+  """
   if x.shape[1] < patch_size or x.shape[2] < patch_size:
     raise ValueError(
         f"patch_size={patch_size} is larger than the input image "
         f"{x.shape[1]}x{x.shape[2]}."
     )
   p = (patch_size, patch_size)
+  if fused:
+    from cdat_fast import nn as jet_nn  # pylint: disable=g-import-not-at-top
+    b, h, w, c = x.shape
+    h, w = h // patch_size, w // patch_size
+    x = x[:, :h * patch_size, :w * patch_size]  # VALID: drop the remainder
+    x = x.reshape(b, h, patch_size, w, patch_size, c).transpose(
+        0, 1, 3, 2, 4, 5).reshape(b, h * w, patch_size * patch_size * c)
+    # pylint: disable-next=protected-access
+    return jet_nn._HeadsDense(in_shape=p + (c,), features=(hidden_dim,),
+                              name="stem")(x)
   x = nn.Conv(hidden_dim, p, strides=p, padding="VALID", name="stem")(x)
   return x.reshape((x.shape[0], -1, hidden_dim))
 
@@ -299,6 +333,10 @@ class MLPMixer(nn.Module):
     num_blocks: number of mixer blocks.
     tokens_mlp_dim: hidden width of the token-mixing MLP.
     channels_mlp_dim: hidden width of the channel-mixing MLP.
+    fused: build the model from :mod:`cdat_fast.nn` (same parameters,
+      values and gradients), so that CDAT's jvp-of-jvp runs the fused
+      kernels from the stem to the head (the token transposes and the mean
+      over tokens through :func:`cdat_fast.nn.linear`). For GPU/TPU.
   """
 
   num_outputs: int = 10
@@ -307,6 +345,7 @@ class MLPMixer(nn.Module):
   num_blocks: int = 2
   tokens_mlp_dim: int = 16
   channels_mlp_dim: int = 64
+  fused: bool = False
 
   def __post_init__(self):
     for name in ("num_outputs", "patch_size", "hidden_dim", "num_blocks",
@@ -316,12 +355,14 @@ class MLPMixer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = _patchify(x, self.patch_size, self.hidden_dim)
+    lib, _, linear = _jet_lib(self.fused)
+    x = _patchify(x, self.patch_size, self.hidden_dim, self.fused)
     for _ in range(self.num_blocks):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim)(x)
-    x = nn.LayerNorm(name="pre_head_norm")(x)
-    x = jnp.mean(x, axis=1)
-    return nn.Dense(self.num_outputs, name="head")(x)
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim,
+                     fused=self.fused)(x)
+    x = lib.LayerNorm(name="pre_head_norm")(x)
+    x = linear(lambda a: jnp.mean(a, axis=1))(x)
+    return lib.Dense(self.num_outputs, name="head")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -329,14 +370,20 @@ class EncoderBlock(nn.Module):
 
   num_heads: int
   mlp_dim: int
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.LayerNorm()(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y)
-    x = x + y
-    y = nn.LayerNorm()(x)
-    return x + MlpBlock(self.mlp_dim)(y)
+    lib, add, _ = _jet_lib(self.fused)
+    y = lib.LayerNorm()(x)
+    if self.fused:  # flax's parameter names, cdat_fast.nn's layer
+      y = lib.MultiHeadAttention(
+          num_heads=self.num_heads, name="MultiHeadDotProductAttention_0")(y)
+    else:
+      y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y)
+    x = add(x, y)
+    y = lib.LayerNorm()(x)
+    return add(x, MlpBlock(self.mlp_dim, fused=self.fused)(y))
 
 
 class ViT(nn.Module):
@@ -356,6 +403,11 @@ class ViT(nn.Module):
     num_layers: number of encoder blocks.
     num_heads: attention heads.
     mlp_dim: hidden width of the MLP in each block.
+    fused: build the model from :mod:`cdat_fast.nn` (same parameters,
+      values and gradients), so that CDAT's jvp-of-jvp runs the fused
+      kernels from the stem to the head (class token, position embeddings
+      and the class-token slice through :func:`cdat_fast.nn.linear` and
+      :func:`cdat_fast.nn.add`). For GPU/TPU.
   """
 
   num_outputs: int = 10
@@ -364,6 +416,7 @@ class ViT(nn.Module):
   num_layers: int = 2
   num_heads: int = 2
   mlp_dim: int = 64
+  fused: bool = False
 
   def __post_init__(self):
     for name in ("num_outputs", "patch_size", "hidden_dim", "num_layers",
@@ -378,17 +431,20 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = _patchify(x, self.patch_size, self.hidden_dim)
+    lib, add, linear = _jet_lib(self.fused)
+    x = _patchify(x, self.patch_size, self.hidden_dim, self.fused)
     b, n, c = x.shape
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)), x], axis=1)
+    x = linear(lambda t, a: jnp.concatenate(
+        [jnp.broadcast_to(t, (b, 1, c)), a], axis=1))(cls, x)
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, n + 1, c), x.dtype)
-    x = x + pos
+    x = add(x, pos)
     for _ in range(self.num_layers):
-      x = EncoderBlock(self.num_heads, self.mlp_dim)(x)
-    x = nn.LayerNorm(name="encoder_norm")(x)
-    return nn.Dense(self.num_outputs, name="head")(x[:, 0])
+      x = EncoderBlock(self.num_heads, self.mlp_dim, fused=self.fused)(x)
+    x = lib.LayerNorm(name="encoder_norm")(x)
+    return lib.Dense(self.num_outputs, name="head")(
+        linear(lambda a: a[:, 0])(x))
 
 
 class NanoLM(nn.Module):

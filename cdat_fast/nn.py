@@ -37,11 +37,13 @@ How it is wired. Each layer is an op :math:`y = g(a_1, \\dots, a_k)` (for
 
 So the fused path is taken in chains of these layers (an MLP, pre-norm
 stacks of Dense / LayerNorm / activation / attention, with residual
-connections written with :func:`add`; ``models.NanoLM(fused=True)`` end to
-end, from its embeddings to its head) when both jvps get the same ``u``
-object. A plain ``jnp`` op between two layers (``x + y`` for a residual, a
-reshape, dropout) produces distinct tracers for the inner and outer
-tangents, and the next layer takes the exact XLA fallback instead; so does
+connections written with :func:`add` and reshapes, transposes, slices or
+concatenations with :func:`linear`; ``NanoLM``, ``ViT`` and ``MLPMixer`` of
+:mod:`cdat_fast.models` with ``fused=True`` end to end) when both jvps get
+the same ``u`` object. A plain ``jnp`` op between two layers (``x + y`` for
+a residual, a reshape, dropout) produces distinct tracers for the inner and
+outer tangents, and the next layer takes the exact XLA fallback instead; so
+does
 passing one direction as two separate arguments of a jitted function (they
 become two tracers). Values, gradients, ``jax.jvp``, ``jax.jvp(jax.grad(f))``,
 ``jax.grad`` of a jvp and ``jax.vmap`` all work; the fused path needs float
@@ -83,6 +85,7 @@ __all__ = [
     "attention",
     "gelu",
     "jet_activation",
+    "linear",
     "relu",
     "silu",
     "tanh",
@@ -148,7 +151,7 @@ def _repeats_inner_direction(args, dargs, targs, tdargs,
 
 def _jet_op(plain_fn: Callable[..., Array],
             fused_fn: Callable[..., tuple[Array, Array, Array]] | None,
-            num_activations: int = 1):
+            num_activations: int | None = 1):
   """Wraps ``plain_fn(*args)`` so that jvp-of-jvp goes through ``fused_fn``.
 
   Args:
@@ -160,7 +163,8 @@ def _jet_op(plain_fn: Callable[..., Array],
       ``ddx`` is the tuple of the first ``num_activations`` arguments'
       second-order tangents.
     num_activations: how many leading arguments are activations, whose
-      second-order tangents may be non-zero (the rest are parameters).
+      second-order tangents may be non-zero (the rest are parameters);
+      None: all of them (``ddx`` is then always a tuple).
 
   Returns:
     A ``jax.custom_jvp`` function with the signature of ``plain_fn``.
@@ -173,10 +177,10 @@ def _jet_op(plain_fn: Callable[..., Array],
 
   def pair_jvp(primals, tangents):
     (args, dargs), (targs, tdargs) = primals, tangents
+    n_act = len(args) if num_activations is None else num_activations
     if (fused_fn is not None and _repeats_inner_direction(
-        args, dargs, targs, tdargs, num_activations)):
-      dd = tuple(t if _nonzero(t) else None
-                 for t in tdargs[:num_activations])
+        args, dargs, targs, tdargs, n_act)):
+      dd = tuple(t if _nonzero(t) else None for t in tdargs[:n_act])
       ddx = dd[0] if num_activations == 1 else dd
       dtype = jax.eval_shape(plain_fn, *args).dtype
       y, dy, ddy = fused_fn(args, dargs, ddx)
@@ -668,37 +672,72 @@ class MultiHeadAttention(fnn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Residual add.
+# Linear maps: residual adds, reshapes, transposes, slices, concatenation.
 # ---------------------------------------------------------------------------
+
+
+def _linear_fused(fn):
+  def fused(args, dargs, ddargs):
+    y = fn(*args)
+
+    def image(tangents):  # fn of the tangents, zeros for absent ones
+      if all(t is None for t in tangents):
+        return None
+      return fn(*(jnp.zeros_like(a) if t is None else t
+                  for a, t in zip(args, tangents)))
+
+    dy = image(dargs)
+    return y, jnp.zeros_like(y) if dy is None else dy, image(ddargs)
+  return fused
+
+
+def linear(fn: Callable[..., Array]) -> Callable[..., Array]:
+  """Wraps a linear map of arrays so that it keeps the fused jet chain going.
+
+  ``fn(*arrays)`` must be jointly linear in its arguments (a reshape, a
+  transpose, a slice, a mean, a concatenation, a sum; constants and options
+  closed over). Its jet along ``u`` is then ``(fn(x), fn(ẋ), fn(ẍ))``; what
+  the wrapper adds over calling ``fn`` is that the outer tangent of its
+  output *is* the inner one, so the layer after it still takes its fused
+  kernel (see the module docstring: a plain ``jnp`` op between two layers
+  sends the next one to the exact fallback). Values and derivatives are
+  ``fn``'s. Linearity is the caller's promise: a non-linear ``fn`` gets a
+  wrong second-order term.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from cdat_fast import nn as jet_nn
+    >>> swap = jet_nn.linear(lambda x: jnp.swapaxes(x, 1, 2))
+    >>> swap(jnp.ones((2, 3, 4))).shape
+    (2, 4, 3)
+
+  Args:
+    fn: the linear map, positional array arguments only.
+
+  Returns:
+    A function with ``fn``'s signature and values.
+  """
+  op = _jet_op(fn, _linear_fused(fn), num_activations=None)
+
+  @functools.wraps(fn)
+  def f(*args: Array) -> Array:
+    return op(*args)
+
+  return f
 
 
 def _add_plain(x, y):
   return x + y
 
 
-def _add_fused(args, dargs, ddargs):
-  (x, y), (dx, dy), (ddx, ddy) = args, dargs, ddargs
-  out = x + y
-
-  def total(a, b):  # None: zero; broadcasts like x + y.
-    if a is None and b is None:
-      return None
-    return jnp.broadcast_to(b if a is None else a if b is None else a + b,
-                            out.shape)
-
-  d = total(dx, dy)
-  return out, jnp.zeros_like(out) if d is None else d, total(ddx, ddy)
-
-
-_add_op = _jet_op(_add_plain, _add_fused, num_activations=2)
+_add_op = linear(_add_plain)
 
 
 def add(x: Array, y: Array) -> Array:
   """``x + y`` that keeps the fused jvp-of-jvp chain going (residuals).
 
-  The sum is linear, so its jet is the sum of the jets; what this op adds
-  over ``x + y`` is that its outer tangent *is* its inner one, so the
-  layer after a residual connection still takes its fused kernel (see the
-  module docstring). Values and derivatives are those of ``x + y``.
+  :func:`linear` of ``x + y`` (broadcasting as ``+`` does): the sum's jet is
+  the sum of the jets, and the layer after a residual connection still takes
+  its fused kernel. Values and derivatives are those of ``x + y``.
   """
   return _add_op(x, y)

@@ -40,7 +40,8 @@ from cdat_fast.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
 from cdat_fast.tuned import TunedState
 
 # Models with a ``fused`` variant built from cdat_fast.nn (--fused-kernels).
-FUSED_MODELS = ("mlp", "nanolm", "nanolm-paper")
+FUSED_MODELS = ("mlp", "nanolm", "nanolm-paper", "vit", "vit-ti32", "mixer",
+                "mixer-ti8")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -461,47 +461,78 @@ def test_multi_head_attention_matches_flax():
         jax.random.key(0), xq)
 
 
-def test_fused_nanolm_is_the_nanolm_with_fused_cdat_curvature():
-  """NanoLM(fused=True): same parameters from the same key, same loss,
-  gradient and CDAT quadratic form, and every layer's jet runs its kernel."""
+
+_FUSED_MODELS = {
+    # name: (constructor kwargs, input maker, pallas_call names expected)
+    "nanolm": (dict(vocab_size=11, num_layers=1, num_heads=2, head_size=8,
+                    embed_size=8, block_size=8),
+               lambda rng: jnp.asarray(rng.integers(0, 11, (2, 6))),
+               # 4 projections + 2 MLP layers + head; ln_1, ln_2, ln_f
+               ["dense_jet"] * 7 + ["layer_norm_jet"] * 3 +
+               ["attention_jet", "activation_jet_relu"]),
+    "vit": (dict(num_outputs=3, patch_size=4, hidden_dim=8, num_layers=1,
+                 num_heads=2, mlp_dim=16),
+            lambda rng: jnp.asarray(rng.standard_normal((2, 9, 9, 2)),
+                                    jnp.float32),  # 9x9: VALID crops to 8x8
+            # stem + 4 projections + 2 MLP layers + head
+            ["dense_jet"] * 8 + ["layer_norm_jet"] * 3 +
+            ["attention_jet", "activation_jet_gelu"]),
+    "mixer": (dict(num_outputs=3, patch_size=4, hidden_dim=8, num_blocks=1,
+                   tokens_mlp_dim=6, channels_mlp_dim=16),
+              lambda rng: jnp.asarray(rng.standard_normal((2, 8, 12, 2)),
+                                      jnp.float32),
+              # stem + token MLP + channel MLP + head
+              ["dense_jet"] * 6 + ["layer_norm_jet"] * 3 +
+              ["activation_jet_gelu"] * 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FUSED_MODELS))
+def test_fused_models_are_the_models_with_fused_cdat_curvature(name):
+  """``fused=True``: same parameters from the same key, same value, gradient
+  and CDAT quadratic form as the flax model, and every layer's jet runs its
+  kernel: embeddings, stems, class tokens, transposes, slices and residual
+  adds keep the chain."""
   from cdat_fast import models  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  kwargs, make_input, kernels_expected = _FUSED_MODELS[name]
+  cls = models.get_model(name, 3).__class__
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, 11, (2, 6)))
-  targets = jnp.roll(tokens, -1, axis=1)
-  kw = dict(vocab_size=11, num_layers=1, num_heads=2, head_size=8,
-            embed_size=8, block_size=8)
-  plain, fused = models.NanoLM(**kw), models.NanoLM(fused=True, **kw)
-  params = models.init_params(plain, jax.random.key(0), tokens)
+  x = make_input(rng)
+  plain, fused = cls(**kwargs), cls(fused=True, **kwargs)
+  params = models.init_params(plain, jax.random.key(0), x)
   np.testing.assert_array_equal(
-      jax.flatten_util.ravel_pytree(params)[0],
-      jax.flatten_util.ravel_pytree(
-          models.init_params(fused, jax.random.key(0), tokens))[0])
-  leaves, tree = jax.tree.flatten(params)
-  params = tree.unflatten([  # off the zero biases and unit scales
-      l + 0.1 * rng.standard_normal(l.shape).astype(np.float32)
-      for l in leaves])
-  u = tree.unflatten([rng.standard_normal(l.shape).astype(np.float32)
-                      for l in leaves])
-
-  def loss(model):
-    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, tokens), targets).mean()
-
-  def quad(model):
-    f = loss(model)
-    return lambda p, u: jax.jvp(lambda q: jax.jvp(f, (q,), (u,)), (p,), (u,))
-
-  (f0, df), (_, uhu) = jax.jit(quad(fused))(params, u)
-  (g0, dg), (_, vhv) = jax.jit(quad(plain))(params, u)
-  np.testing.assert_allclose([f0, df, uhu], [g0, dg, vhv], rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(
-      jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss(fused)))(params))[0],
-      jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss(plain)))(params))[0],
-      rtol=1e-5, atol=1e-7)
-  # 4 projections + 2 MLP layers + head; ln_1, ln_2, ln_f: every layer
-  # fused, the layer norm right after the embeddings included.
+      ravel_pytree(params)[0],
+      ravel_pytree(models.init_params(fused, jax.random.key(0), x))[0])
+  params = _shift(params, 1, 0.1)  # off the zero biases and unit scales
+  u = _perturb(params, 2)
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x)))
+  quad = lambda m: _quad(loss(m))
+  _tree_allclose(jax.jit(quad(fused))(params, u),
+                 jax.jit(quad(plain))(params, u), rtol=1e-5, atol=1e-5)
+  # The stems differ in summation order (a matmul against a convolution).
+  _tree_allclose(jax.jit(jax.grad(loss(fused)))(params),
+                 jax.jit(jax.grad(loss(plain)))(params), rtol=1e-5,
+                 atol=1e-5)
   assert sorted(_pallas_calls(quad(fused), params, u)) == sorted(
-      ["dense_jet"] * 7 + ["layer_norm_jet"] * 3 +
-      ["attention_jet", "activation_jet_relu"])
+      kernels_expected)
+
+
+def test_linear_matches_its_function_under_every_transform():
+  x, y = _normal(70, (3, 4)), _normal(71, (4, 3))
+  fn = lambda a, b: jnp.concatenate([a.T, 2.0 * b[:, :2]], axis=1)
+  f = lambda a, b: jnp.sum(jnp.tanh(jet_nn.linear(fn)(a, b)) ** 2)
+  g = lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) ** 2)
+  for transform in (jax.grad, lambda h: jax.hessian(h, argnums=(0, 1))):
+    _tree_allclose(transform(f)(x, y), transform(g)(x, y))
+  # The jet of a chain Dense -> linear -> Dense: both dense layers fused.
+  net = nn.Sequential([jet_nn.Dense(5), jet_nn.linear(lambda a: a[:, ::-1]),
+                       jet_nn.Dense(2)])
+  params = _shift(net.init(jax.random.key(72), x), 73, 0.3)
+  u = _perturb(params, 74)
+  h = lambda p: jnp.sum(jnp.sin(net.apply(p, x)))
+  plain = nn.Sequential([nn.Dense(5), lambda a: a[:, ::-1], nn.Dense(2)])
+  np.testing.assert_allclose(
+      _jit_quad(h, params, u),
+      _jit_quad(lambda p: jnp.sum(jnp.sin(plain.apply(p, x))), params, u),
+      rtol=1e-5, atol=1e-6)
+  assert _pallas_calls(_quad(h), params, u) == ["dense_jet"] * 2

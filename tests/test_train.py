@@ -174,7 +174,7 @@ def test_fused_kernels_need_a_model_with_a_fused_variant(digits):
   with pytest.raises(ValueError, match="fused_kernels must be used with"):
     TrainConfig(**TINY, model="resnet", fused_kernels=True).validate()
   from cdat_fast.train import build_model
-  for name in ("mlp", "nanolm"):
+  for name in ("mlp", "nanolm", "vit", "mixer"):
     cfg = TrainConfig(**{**TINY, "model": name})
     assert not build_model(cfg, digits).fused
     cfg = TrainConfig(**{**TINY, "model": name}, fused_kernels=True)
