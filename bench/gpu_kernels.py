@@ -6,9 +6,10 @@ Run on a machine with a GPU and JAX with CUDA (0.10 or later)::
   python bench/gpu_kernels.py            # full run, about 2-4 minutes
   python bench/gpu_kernels.py --budget 120
 
-The repository must be importable: ``pip install -e . --no-deps`` or
-``PYTHONPATH=<repo>`` (then ``kernels/`` is imported directly). Nothing
-beyond JAX is needed; the optional end-to-end MLP section needs flax.
+The repository must be importable: ``pip install -e . --no-deps``, or
+``bash bench/device_check.sh`` (this script and the compiled-kernel tests,
+with the package put on ``PYTHONPATH``, logs to ``$OUT``). Nothing beyond JAX
+is needed for the kernels; the model sections need flax and optax.
 
 1. Correctness: ``dense_jet``, ``activation_jet``, ``layer_norm_jet``,
    ``attention_jet``
