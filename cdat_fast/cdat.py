@@ -56,6 +56,8 @@ from cdat_fast.objective import bind_objective, value_fn_kwargs
 from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
 CURVATURES = ("exact", "secant", "gauss_newton")
+import os
+_HARM = os.environ.get('HARM') == '1'
 _NEVER = 2 ** 30  # ``since_refresh`` before the first measurement
 
 
@@ -348,13 +350,14 @@ def scale_by_cdat(
     else:
       m = jnp.asarray(refresh_steps, jnp.int32)
       starting = measure_now & (state.pending == 0)
-      total = jnp.where(starting, kappa_now, state.curvature_sum + kappa_now)
+      _inv = 1.0 / jnp.maximum(kappa_now, 1e-30) if _HARM else kappa_now
+      total = jnp.where(starting, _inv, state.curvature_sum + _inv)
       pending = jnp.where(measure_now,
                           jnp.where(starting, m - 1, state.pending - 1),
                           state.pending)
       done = measure_now & (pending <= 0)
       fields = dict(
-          curvature=jnp.where(done, total / m.astype(dtype), state.curvature),
+          curvature=jnp.where(done, (m.astype(dtype) / total) if _HARM else total / m.astype(dtype), state.curvature),
           curvature_sum=jnp.where(measure_now, total, state.curvature_sum),
           pending=jnp.maximum(pending, 0),
           since_refresh=jnp.where(
