@@ -447,6 +447,8 @@ def main(argv=None):
   parser.add_argument("--quality", action="store_true",
                       help="only final losses, over --seeds initialisations")
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--ablation-seeds", type=int, default=16,
+                      help="with --ablation: initialisations (vmapped)")
   parser.add_argument("--dynamics", action="store_true",
                       help="with --quality: mean η and final λ_max per run")
   args = parser.parse_args(argv)
@@ -462,7 +464,7 @@ def main(argv=None):
     return
   if args.ablation:
     t0 = time.perf_counter()
-    print(ablation())
+    print(ablation(seeds=args.ablation_seeds))
     print(f"\n(total {time.perf_counter() - t0:.0f}s)")
     return
   variants = args.variants.split(",")

@@ -56,8 +56,6 @@ from cdat_fast.objective import bind_objective, value_fn_kwargs
 from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
 CURVATURES = ("exact", "secant", "gauss_newton")
-import os
-_HARM = os.environ.get('HARM') == '1'
 _NEVER = 2 ** 30  # ``since_refresh`` before the first measurement
 
 
@@ -74,7 +72,9 @@ class CDATState(NamedTuple):
   denominator: jax.Array  # d̃, averaged |uᵀHu| + ε
   num_skipped: jax.Array  # int32, steps with η forced to 0 (see module doc)
   curvature: jax.Array  # κ ≈ |uᵀHu| / ‖u‖², held (every > 1) or secant average
-  curvature_sum: jax.Array  # sum of κ measured so far in the current refresh
+  # Harmonic mean of the κ measured so far in the current refresh (the name
+  # is older than the harmonic mean: kept so that checkpoints still load).
+  curvature_sum: jax.Array
   pending: jax.Array  # int32, measurements still due in the current refresh
   since_refresh: jax.Array  # int32, updates since the last refresh began
   num_refreshes: jax.Array  # int32, updates that ran the curvature jvp
@@ -350,14 +350,23 @@ def scale_by_cdat(
     else:
       m = jnp.asarray(refresh_steps, jnp.int32)
       starting = measure_now & (state.pending == 0)
-      _inv = 1.0 / jnp.maximum(kappa_now, 1e-30) if _HARM else kappa_now
-      total = jnp.where(starting, _inv, state.curvature_sum + _inv)
+      # The held κ is the harmonic mean of the refresh's measurements, so its
+      # step σ/κ is the mean of the steps they took; kept as the running
+      # harmonic mean of the j measurements so far (0 once one was 0, which
+      # the zero-denominator rule turns into η = 0, as in exact CDAT).
+      j = jnp.where(starting, 0, m - state.pending).astype(dtype)
+      prev = state.curvature_sum
+      both = (prev > 0) & (kappa_now > 0)
+      combined = jnp.where(both, (j + 1) / (
+          j / jnp.where(both, prev, 1) + 1 / jnp.where(both, kappa_now, 1)),
+                           0.0)
+      total = jnp.where(starting, kappa_now, combined)
       pending = jnp.where(measure_now,
                           jnp.where(starting, m - 1, state.pending - 1),
                           state.pending)
       done = measure_now & (pending <= 0)
       fields = dict(
-          curvature=jnp.where(done, (m.astype(dtype) / total) if _HARM else total / m.astype(dtype), state.curvature),
+          curvature=jnp.where(done, total, state.curvature),
           curvature_sum=jnp.where(measure_now, total, state.curvature_sum),
           pending=jnp.maximum(pending, 0),
           since_refresh=jnp.where(
@@ -471,10 +480,13 @@ def cdat(
 
     1. *Two measurements per refresh* (``refresh_steps=2``): a refresh
        measures ``κ`` on two consecutive steps (each an exact CDAT step) and
-       holds their mean. At the edge of stability the iterate oscillates
-       across the sharp valley with period 2, so the pair spans both phases;
-       and if the first step of a refresh jumps from a flat direction, the
-       second measurement sees the sharp one it excited.
+       holds their harmonic mean, ``m / Σ 1/κ_i``, so that the held step
+       ``σ/κ`` is the mean of the steps exact CDAT took at the refresh (for
+       the gradient direction; the arithmetic mean of ``κ`` holds a smaller
+       one, by Jensen's inequality). At the edge of stability the iterate
+       oscillates across the sharp valley with period 2, so the pair spans
+       both phases; and if the first step of a refresh jumps from a flat
+       direction, the second measurement sees the sharp one it excited.
     2. *Bounded growth* (``max_growth=γ``, 2): no step, held or measured,
        uses a curvature below ``κ_held/γ``: ``η`` grows by at most ``γ``
        per refresh. (Held steps damp the sharp directions, so the next

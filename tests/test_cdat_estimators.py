@@ -126,11 +126,17 @@ def test_held_steps_skip_the_jvp_at_run_time():
   assert len(traces) == 1
 
 
-def test_held_curvature_is_the_mean_of_the_refresh_measurements():
-  f, a, w_star = random_quadratic(3)
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=0.5, every=10, refresh_tol=INF,
-                       secant_guard=0.0)
-  w = jnp.asarray(np.random.RandomState(0).randn(5), jnp.float32)
+def test_held_curvature_is_the_harmonic_mean_of_the_refresh_measurements():
+  """The held step σ/κ is the mean of the two refresh steps' σ/κ_i.
+
+  On ½(w₀² + 10 w₁²) from (10, 0.3) with σ = 2 the first step is along the
+  flat axis and the second along the sharp one: κ 1.74, then 9.98.
+  """
+  a = np.diag([1.0, 10.0])
+  f = lambda w: 0.5 * (w[0] ** 2 + 10.0 * w[1] ** 2)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=2.0, every=10, refresh_tol=INF,
+                       secant_guard=0.0, max_growth=INF)
+  w = jnp.asarray([10.0, 0.3], jnp.float32)
   state = opt.init(w)
   kappas = []
   for t in range(4):
@@ -139,12 +145,15 @@ def test_held_curvature_is_the_mean_of_the_refresh_measurements():
     updates, state = opt.update(jax.grad(f)(w), state, w, value_fn=f)
     eta = float(optax.tree.get(state, "learning_rate"))
     if t < 2:  # measured: exact CDAT
-      np.testing.assert_allclose(eta, 0.5 / kappas[-1], rtol=1e-4)
-    else:  # held: the mean of the two measurements
-      np.testing.assert_allclose(eta, 0.5 / np.mean(kappas[:2]), rtol=1e-4)
+      np.testing.assert_allclose(eta, 2.0 / kappas[-1], rtol=1e-5)
+    else:  # held: the mean of the two measured steps
+      np.testing.assert_allclose(eta, np.mean(2.0 / np.asarray(kappas[:2])),
+                                 rtol=1e-5)
     w = optax.apply_updates(w, updates)
   np.testing.assert_allclose(optax.tree.get(state, "curvature"),
-                             np.mean(kappas[:2]), rtol=1e-4)
+                             2.0 / np.sum(1.0 / np.asarray(kappas[:2])),
+                             rtol=1e-5)
+  assert kappas[1] > 5 * kappas[0]  # far apart: the two means differ by 2x
 
 
 def _stretched(w, s):
