@@ -512,26 +512,29 @@ def cdat(
     step plus early refreshes (``num_refreshes`` in the state counts them).
 
     What it keeps (``bench/RESULTS.md``, three small full-batch models,
-    three initialisations each, GD direction, CPU): with these defaults
-    ``every=10`` took 1.15–1.31× the time of a plain step (exact CDAT:
-    1.7–2.8×) and ended at 1.27× exact CDAT's final loss (geometric mean;
-    up to 2.07×). The safeguards keep it stable; they do not make it
-    exact CDAT. Held steps are gradient descent at a constant step, which
-    sharpens until ``λ_max ≈ 2/η``, and the runs end sharper with a smaller
-    ``η`` (on a digits MLP ``λ_max`` 5.3–5.9 and ``η`` 0.35–0.40 against
-    exact CDAT's 3.2–3.4 and 0.67–0.71), whereas exact CDAT changes ``η``
-    at every step with the oscillation. Where the batch allows it, exact
-    curvature on a sub-batch every step did better (1/16 of the batch:
-    0.94× at 1.04–1.19× the time); with ``every=10``,
-    ``curvature="gauss_newton"`` came closest (1.12×, 1.07–1.13× the time).
+    six initialisations each, GD direction, CPU): with these defaults
+    ``every=10`` took 1.13–1.36× the time of a plain step (exact CDAT:
+    1.85–3.08×) and ended at 1.05× exact CDAT's final loss (geometric mean
+    of 18 runs; up to 1.54×); with ``curvature="gauss_newton"`` refreshes
+    1.10–1.23× the time and 1.09× the loss (up to 1.89×). A refresh's jvp
+    runs under the ``cond``, apart from the gradient's forward pass, so it
+    costs a forward pass more than in exact CDAT. Held steps are gradient
+    descent at a constant step, which sharpens until ``λ_max ≈ 2/η``; the
+    held runs on a digits MLP end sharper with smaller steps (``λ_max``
+    4.0–5.2, ``η`` 0.43–0.55, against exact CDAT's 3.2–3.4 and 0.67–0.71;
+    with the arithmetic mean of safeguard 1, used before, 5.3–5.9 and
+    0.35–0.40 and 1.24× the loss), whereas exact CDAT changes ``η`` at
+    every step with the oscillation. Sub-batch curvature every step did as
+    well where the batch allows it (1/16 of the batch: 0.94× at 1.04–1.19×
+    the time).
 
     *Minibatch*: safeguards 3 and 4 then read the loss change between two
     different batches, and the early refresh also fires on batch noise.
     Measured on the same models with minibatches of 1/8 of the data and
-    ``ema=0.9`` (``bench/every_minibatch.py``): the defaults ended at 1.16×
-    exact CDAT's loss (geometric mean, max 1.56×) with 28% of the steps
-    running the jvp instead of 20%; without safeguards 3 and 4, two of nine
-    runs ended 18× and 146× above exact's. Sub-batch curvature (1/4 of each
+    ``ema=0.9`` (``bench/every_minibatch.py``): the defaults ended at 1.21×
+    exact CDAT's loss (geometric mean of 9 runs, max 2.29×) with 28% of the
+    steps running the jvp instead of 20%; without safeguards 3 and 4, runs
+    ended up to 72× above exact's. Sub-batch curvature (1/4 of each
     minibatch) matched exact CDAT there (1.00×).
 
   Args:
