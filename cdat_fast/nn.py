@@ -712,7 +712,7 @@ def linear(fn: Callable[..., Array]) -> Callable[..., Array]:
     (2, 4, 3)
 
   Args:
-    fn: the linear map, positional array arguments only.
+    fn: the linear map, positional float-array arguments only.
 
   Returns:
     A function with ``fn``'s signature and values.
