@@ -68,21 +68,34 @@ def test_attention_jet_compiled(causal, t, d):
   _close(out, ref, 2e-2)  # TF32 matmuls.
 
 
-def test_fused_nanolm_cdat_quadratic_form_compiled():
-  """models.NanoLM(fused=True) on the GPU: uᵀHu as flax's layers give it."""
-  import optax  # pylint: disable=g-import-not-at-top
+_GPU_MODELS = {
+    "nanolm": (dict(vocab_size=65, num_layers=2, num_heads=4, head_size=64,
+                    embed_size=64, block_size=64),
+               lambda rng: jnp.asarray(rng.integers(0, 65, (4, 40)))),
+    "vit": (dict(num_outputs=10, patch_size=4, hidden_dim=64, num_layers=2,
+                 num_heads=4, mlp_dim=128),
+            lambda rng: jnp.asarray(rng.standard_normal((4, 32, 32, 3)),
+                                    jnp.float32)),
+    "mixer": (dict(num_outputs=10, patch_size=4, hidden_dim=64, num_blocks=2,
+                   tokens_mlp_dim=32, channels_mlp_dim=128),
+              lambda rng: jnp.asarray(rng.standard_normal((4, 32, 32, 3)),
+                                      jnp.float32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_GPU_MODELS))
+def test_fused_model_cdat_quadratic_form_compiled(name):
+  """models.*(fused=True) on the GPU: uᵀHu as flax's layers give it."""
   from cdat_fast import models  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, 65, (4, 40)))
-  sizes = dict(vocab_size=65, num_layers=2, num_heads=4, head_size=64,
-               embed_size=64, block_size=64)
-  plain, fused = models.NanoLM(**sizes), models.NanoLM(fused=True, **sizes)
-  params = models.init_params(plain, jax.random.key(0), tokens)
+  kwargs, make_input = _GPU_MODELS[name]
+  x = make_input(np.random.default_rng(0))
+  cls = models.get_model(name, 10).__class__
+  plain, fused = cls(**kwargs), cls(fused=True, **kwargs)
+  params = models.init_params(plain, jax.random.key(0), x)
   u = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
 
   def quad(model):
-    f = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, tokens), jnp.roll(tokens, -1, 1)).mean()
+    f = lambda p: jnp.mean(jnp.sin(model.apply({"params": p}, x)))
     return jax.jit(lambda p, u: jax.jvp(
         lambda q: jax.jvp(f, (q,), (u,))[1], (p,), (u,)))
 
