@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the fused kernels, as one command for a lent device:
 #
-#   bash bench/device_check.sh            # about 6-8 minutes on an H200
+#   bash bench/device_check.sh            # at most 9 minutes (its timeouts)
 #
 # Runs from the repository root on a machine whose JAX sees a GPU (JAX 0.10
 # or 0.11 with CUDA, flax and optax installed; nothing is installed: the
