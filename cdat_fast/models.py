@@ -505,16 +505,13 @@ class NanoLM(nn.Module):
           f"NanoLM: sequence length {seq_len} exceeds block_size="
           f"{self.block_size}."
       )
+    lib, add, _ = _jet_lib(self.fused)
     if self.fused:
-      from cdat_fast import nn as lib  # pylint: disable=g-import-not-at-top
-      add = lib.add
-
       def attn(name):
         return lambda y: lib.MultiHeadAttention(
             num_heads=self.num_heads, qkv_features=self.head_size,
             out_features=self.embed_size, causal=True, name=name)(y)
     else:
-      lib, add = nn, lambda a, b: a + b
       mask = nn.make_causal_mask(tokens)
 
       def attn(name):
