@@ -57,9 +57,9 @@ import numpy as np
 import optax
 
 import cdat_fast
-from cdat_fast import losses
-from cdat_fast.data import load_digits
-from cdat_fast.models import get_model, init_params
+from cdat_fast.harness import losses
+from cdat_fast.harness.data import load_digits
+from cdat_fast.harness.models import get_model, init_params
 
 VARIANTS = ("gd", "exact", "sub4", "sub16", "every10", "every10_unguarded",
             "every10_sub4", "every10_half", "every10_single", "every10_gn",

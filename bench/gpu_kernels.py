@@ -470,7 +470,7 @@ def nanolm_section(bench, shapes, sizes):
   try:
     import optax  # pylint: disable=g-import-not-at-top
     import cdat_fast  # pylint: disable=g-import-not-at-top
-    from cdat_fast import models  # pylint: disable=g-import-not-at-top
+    from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
   except Exception as e:  # pylint: disable=broad-except
     print(f"\n== NanoLM section skipped ({type(e).__name__}: {e}) ==")
     return

@@ -39,7 +39,7 @@ So the fused path is taken in chains of these layers (an MLP, pre-norm
 stacks of Dense / LayerNorm / activation / attention, with residual
 connections written with :func:`add` and reshapes, transposes, slices or
 concatenations with :func:`linear`; ``NanoLM``, ``ViT`` and ``MLPMixer`` of
-:mod:`cdat_fast.models` with ``fused=True`` end to end) when both jvps get
+:mod:`cdat_fast.harness.models` with ``fused=True`` end to end) when both jvps get
 the same ``u`` object. A plain ``jnp`` op between two layers (``x + y`` for
 a residual, a reshape, dropout) produces distinct tracers for the inner and
 outer tangents, and the next layer takes the exact XLA fallback instead; so

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from cdat_fast.checkpoint import CheckpointError
-from cdat_fast.cli import main
-from cdat_fast.optimizers import OptimizerConfig
-from cdat_fast.train import TrainConfig, Trainer
+from cdat_fast.harness.checkpoint import CheckpointError
+from cdat_fast.harness.cli import main
+from cdat_fast.harness.optimizers import OptimizerConfig
+from cdat_fast.harness.train import TrainConfig, Trainer
 
 BASE = dict(dataset="digits", subset=96, width=8, depth=1, log_every=3,
             checkpoint_every=3)
@@ -15,7 +15,7 @@ BASE = dict(dataset="digits", subset=96, width=8, depth=1, log_every=3,
 
 @pytest.fixture(scope="module")
 def digits():
-  from cdat_fast.data import load_dataset
+  from cdat_fast.harness.data import load_dataset
   return load_dataset("digits", subset=96, seed=0)
 
 
@@ -91,6 +91,6 @@ def test_divergence_keeps_last_good_checkpoint(tmp_path, digits):
   r = Trainer(cfg, dataset=digits).run(tmp_path, progress=False, echo=None)
   assert r.summary["status"] == "diverged"
   assert "last good checkpoint" in r.summary["message"]
-  from cdat_fast.checkpoint import Checkpointer
+  from cdat_fast.harness.checkpoint import Checkpointer
   steps = Checkpointer(tmp_path / "checkpoints").steps()
   assert steps and max(steps) < r.summary["steps"]

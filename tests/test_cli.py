@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cdat_fast.cli import main, select_best
+from cdat_fast.harness.cli import main, select_best
 
 
 def test_train_smoke_writes_metrics_and_plot(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Tests for cdat_fast.data, on small files written into tmp_path."""
+"""Tests for cdat_fast.harness.data, on small files written into tmp_path."""
 
 import gzip
 import pickle
@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from cdat_fast import data
-from cdat_fast.data import DataError
+from cdat_fast.harness import data
+from cdat_fast.harness.data import DataError
 
 
 # ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ _GPU_MODELS = {
 @pytest.mark.parametrize("name", sorted(_GPU_MODELS))
 def test_fused_model_cdat_quadratic_form_compiled(name):
   """models.*(fused=True) on the GPU: uᵀHu as flax's layers give it."""
-  from cdat_fast import models  # pylint: disable=g-import-not-at-top
+  from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
   kwargs, make_input = _GPU_MODELS[name]
   x = make_input(np.random.default_rng(0))
   cls = models.get_model(name, 10).__class__

@@ -1,12 +1,12 @@
-"""Tests for cdat_fast.models and cdat_fast.losses."""
+"""Tests for cdat_fast.harness.models and cdat_fast.harness.losses."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdat_fast import losses
-from cdat_fast import models
+from cdat_fast.harness import losses
+from cdat_fast.harness import models
 
 # The "rbg" PRNG compiles far faster on CPU than threefry for the many small
 # kernel shapes of an init, which keeps these tests quick.

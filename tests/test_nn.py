@@ -493,7 +493,7 @@ def test_fused_models_are_the_models_with_fused_cdat_curvature(name):
   and CDAT quadratic form as the flax model, and every layer's jet runs its
   kernel: embeddings, stems, class tokens, transposes, slices and residual
   adds keep the chain."""
-  from cdat_fast import models  # pylint: disable=g-import-not-at-top
+  from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
   kwargs, make_input, kernels_expected = _FUSED_MODELS[name]
   cls = models.get_model(name, 3).__class__
   rng = np.random.default_rng(0)

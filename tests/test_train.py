@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from cdat_fast.optimizers import OptimizerConfig, build_optimizer, schedule
-from cdat_fast.train import TrainConfig, Trainer, config_from_dict, config_to_dict
+from cdat_fast.harness.optimizers import OptimizerConfig, build_optimizer, schedule
+from cdat_fast.harness.train import TrainConfig, Trainer, config_from_dict, config_to_dict
 
 TINY = dict(dataset="digits", subset=128, width=16, depth=1, steps=12,
             log_every=4)
@@ -14,7 +14,7 @@ TINY = dict(dataset="digits", subset=128, width=16, depth=1, steps=12,
 
 @pytest.fixture(scope="module")
 def digits():
-  from cdat_fast.data import load_dataset
+  from cdat_fast.harness.data import load_dataset
   return load_dataset("digits", subset=128, seed=0)
 
 
@@ -120,7 +120,7 @@ def test_mesh_run_matches_single_device(tmp_path):
   import os
   import subprocess
   import sys
-  args = ["-m", "cdat_fast.cli", "train", "--subset", "128", "--width", "16",
+  args = ["-m", "cdat_fast.harness.cli", "train", "--subset", "128", "--width", "16",
           "--depth", "1", "--steps", "6", "--log-every", "3", "--batch-size",
           "32", "--ema", "0.9", "--quiet"]
   env = dict(os.environ,
@@ -173,7 +173,7 @@ def test_fused_kernels_run_matches_the_plain_one(digits):
 def test_fused_kernels_need_a_model_with_a_fused_variant(digits):
   with pytest.raises(ValueError, match="fused_kernels must be used with"):
     TrainConfig(**TINY, model="resnet", fused_kernels=True).validate()
-  from cdat_fast.train import build_model
+  from cdat_fast.harness.train import build_model
   for name in ("mlp", "nanolm", "vit", "mixer"):
     cfg = TrainConfig(**{**TINY, "model": name})
     assert not build_model(cfg, digits).fused

@@ -141,7 +141,7 @@ def make_loss_fn(
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from cdat_fast.models import MLP, init_params
+    >>> from cdat_fast.harness.models import MLP, init_params
     >>> model = MLP(features=(8,), num_outputs=3)
     >>> x = jnp.ones((4, 5)); y = jnp.array([0, 1, 2, 0])
     >>> params = init_params(model, jax.random.key(0), x)

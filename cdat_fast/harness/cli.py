@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from cdat_fast.optimizers import BASES, SCHEDULES, TUNERS, OptimizerConfig
+from cdat_fast.harness.optimizers import BASES, SCHEDULES, TUNERS, OptimizerConfig
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -123,7 +123,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _configs_from_args(args) -> "TrainConfig":
-  from cdat_fast.train import TrainConfig
+  from cdat_fast.harness.train import TrainConfig
   opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
   opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
   loss = args.loss or ("cross_entropy" if args.dataset == "text" else "squared")
@@ -156,7 +156,7 @@ def _given_flags(argv: Sequence[str]) -> set[str]:
 
 def _resume_config(args, argv):
   """The saved config of the run in ``args.resume``, with flags given now."""
-  from cdat_fast.train import config_from_dict
+  from cdat_fast.harness.train import config_from_dict
   run_dir = Path(args.resume)
   cfg_path = run_dir / "config.json"
   if not cfg_path.is_file():
@@ -198,7 +198,7 @@ def _describe(cfg) -> str:
 # -- train --------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-  from cdat_fast.train import Trainer
+  from cdat_fast.harness.train import Trainer
   if args.resume:
     if args.out and Path(args.out) != Path(args.resume):
       raise CLIError("--resume continues the run in its own directory; drop"
@@ -261,7 +261,7 @@ def _lr_grid(args) -> list[float]:
 
 
 def cmd_sweep(args) -> int:
-  from cdat_fast.train import Trainer
+  from cdat_fast.harness.train import Trainer
   base_cfg = _configs_from_args(args)
   axes: dict[str, list] = {
       "learning_rate": _lr_grid(args) if args.tuner in (
@@ -372,8 +372,8 @@ def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
 
 
 def cmd_compare(args) -> int:
-  from cdat_fast.plots import plot_runs
-  from cdat_fast.train import Trainer
+  from cdat_fast.harness.plots import plot_runs
+  from cdat_fast.harness.train import Trainer
   base_cfg = _configs_from_args(args)
   out = Path(args.out) if args.out else Path("runs/compare")
   dataset = None
@@ -425,7 +425,7 @@ def cmd_compare(args) -> int:
 # -- plot, theory ---------------------------------------------------------------
 
 def cmd_plot(args) -> int:
-  from cdat_fast.plots import plot_runs
+  from cdat_fast.harness.plots import plot_runs
   out = plot_runs(args.run_dirs, args.out)
   print(f"wrote {out}")
   return 0
@@ -442,7 +442,7 @@ def cmd_theory(args) -> int:
 
 def _flag_names(message: str) -> str:
   """``ls_c must be ...`` → ``--ls-c must be ...`` for config fields."""
-  from cdat_fast.train import TrainConfig
+  from cdat_fast.harness.train import TrainConfig
   fields = ({f.name for f in dataclasses.fields(OptimizerConfig)}
             | {f.name for f in dataclasses.fields(TrainConfig)})
   first, _, rest = message.partition(" ")
@@ -509,8 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   args.argv = argv
-  from cdat_fast.data import DataError
-  from cdat_fast.plots import RunFilesError
+  from cdat_fast.harness.data import DataError
+  from cdat_fast.harness.plots import RunFilesError
   try:
     return args.func(args)
   except (DataError, RunFilesError, CLIError) as e:

@@ -1,7 +1,7 @@
 """Training harness: jitted, chunked training runs with the paper's metrics.
 
-A run trains a model from :mod:`cdat_fast.models` on a data set from
-:mod:`cdat_fast.data` with an optimizer from :mod:`cdat_fast.optimizers`. Steps
+A run trains a model from :mod:`cdat_fast.harness.models` on a data set from
+:mod:`cdat_fast.harness.data` with an optimizer from :mod:`cdat_fast.harness.optimizers`. Steps
 run inside ``jax.lax.scan`` over chunks of ``log_every`` steps, so the host
 only wakes up to log. Every step records the loss, the learning rate, the
 gradient norm and (for CDAT) the numerator and denominator; every
@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from cdat_fast import checks, treemath
 from cdat_fast.curvature import preconditioner_from_state, sharpness
-from cdat_fast.data import Dataset, batches, load_dataset
-from cdat_fast.losses import accuracy, get_loss, l2_penalty, make_loss_fn
-from cdat_fast.models import get_model, init_params
-from cdat_fast.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
+from cdat_fast.harness.data import Dataset, batches, load_dataset
+from cdat_fast.harness.losses import accuracy, get_loss, l2_penalty, make_loss_fn
+from cdat_fast.harness.models import get_model, init_params
+from cdat_fast.harness.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
 from cdat_fast.tuned import TunedState
 
 # Models with a ``fused`` variant built from cdat_fast.nn (--fused-kernels).
@@ -83,7 +83,7 @@ class TrainConfig:
     checks.check_range("divergence_factor", self.divergence_factor, low=1.0,
                        allow_inf=True)
     checks.check_choice("loss", self.loss, ("squared", "cross_entropy"))
-    from cdat_fast.optimizers import validate
+    from cdat_fast.harness.optimizers import validate
     validate(self.optimizer)
     if self.fused_kernels and self.model not in FUSED_MODELS:
       raise ValueError(f"fused_kernels must be used with a model in"
@@ -126,7 +126,7 @@ def build_model(cfg: TrainConfig, dataset: Dataset):
 class BatchStream:
   """Minibatches in a seeded order that can be resumed at (epoch, position).
 
-  Epoch ``e`` is the permutation of :func:`cdat_fast.data.batches` for
+  Epoch ``e`` is the permutation of :func:`cdat_fast.harness.data.batches` for
   ``(seed, e)``, cut into full batches (the remainder is dropped).
   """
 
@@ -330,7 +330,7 @@ class Trainer:
     done = 0
     checkpointer = None
     if out_dir is not None and (cfg.checkpoint_every or resume):
-      from cdat_fast.checkpoint import Checkpointer
+      from cdat_fast.harness.checkpoint import Checkpointer
       checkpointer = Checkpointer(Path(out_dir) / "checkpoints")
     if resume:
       if checkpointer is None:
@@ -471,7 +471,7 @@ class _Writer:
     np.savez(self.dir / "history.npz", **history)
     (self.dir / "summary.json").write_text(json.dumps(
         {k: _json_safe(v) for k, v in summary.items()}, indent=2) + "\n")
-    from cdat_fast.plots import plot_runs
+    from cdat_fast.harness.plots import plot_runs
     plot_runs([self.dir], self.dir / "training.png")
 
 

@@ -1,6 +1,6 @@
 """Plots of training runs: loss, learning rate, sharpness and η·λ_max.
 
-Reads the files :mod:`cdat_fast.train` writes (``history.npz`` for per-step
+Reads the files :mod:`cdat_fast.harness.train` writes (``history.npz`` for per-step
 loss and learning rate, ``metrics.jsonl`` for sharpness) and draws the four
 panels of the paper's Fig. 3/5/6 with matplotlib's Agg backend.
 """
