@@ -72,7 +72,13 @@ def hvp(fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
 
 
 class SharpnessResult(NamedTuple):
-  """Top eigenpair of the (preconditioned) Hessian."""
+  """Top eigenpair of the (preconditioned) Hessian.
+
+  Attributes:
+    eigenvalue: the eigenvalue largest in magnitude (a scalar).
+    eigenvector: its eigenvector, of unit norm, structured like the
+      parameters.
+  """
   eigenvalue: jax.Array  # scalar, largest in magnitude
   eigenvector: PyTree  # unit norm, structured like the parameters
 

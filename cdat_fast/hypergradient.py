@@ -24,6 +24,13 @@ from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
 
 class HypergradientState(NamedTuple):
+  """State of :func:`scale_by_hypergradient`.
+
+  Attributes:
+    count: number of updates (int32).
+    learning_rate: the ``η_t`` used at the last update.
+    previous_direction: ``u_{t-1}``, structured like the parameters.
+  """
   count: jax.Array  # int32
   learning_rate: jax.Array  # η_t used at the last update
   previous_direction: Any  # u_{t-1}, structured like the parameters

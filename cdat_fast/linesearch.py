@@ -31,6 +31,14 @@ from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
 
 class BacktrackingState(NamedTuple):
+  """State of :func:`scale_by_backtracking_linesearch`.
+
+  Attributes:
+    count: number of updates (int32).
+    learning_rate: the accepted ``η`` (0 if no step was taken).
+    num_trials: objective evaluations at the last step (int32).
+    num_failed: steps where no trial met the criterion (int32).
+  """
   count: jax.Array  # int32
   learning_rate: jax.Array  # accepted η (0 if no step was taken)
   num_trials: jax.Array  # int32, objective evaluations at the last step

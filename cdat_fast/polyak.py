@@ -21,6 +21,12 @@ from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
 
 class PolyakState(NamedTuple):
+  """State of :func:`scale_by_polyak`.
+
+  Attributes:
+    count: number of updates (int32).
+    learning_rate: the ``η`` used at the last update.
+  """
   count: jax.Array  # int32
   learning_rate: jax.Array  # η used at the last update
 

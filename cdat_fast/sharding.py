@@ -40,7 +40,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
 
-#: Mesh axes, outermost first: ``model`` is innermost so that its (most
+#: Mesh axes, outermost first. ``model`` is innermost so that its (most
 #: frequent) collectives run between neighbouring devices.
 AXES = ("data", "fsdp", "model")
 #: The axes the batch's leading dimension is split over.

@@ -26,6 +26,14 @@ from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
 
 class SharpnessRuleState(NamedTuple):
+  """State of :func:`scale_by_sharpness_rule`.
+
+  Attributes:
+    count: number of updates (int32).
+    learning_rate: the ``η`` used at the last update.
+    sharpness: ``λ_max`` at the last update.
+    eigenvector: the warm start for the next eigen-solve.
+  """
   count: jax.Array  # int32
   learning_rate: jax.Array  # η used at the last update
   sharpness: jax.Array  # λ_max at the last update
