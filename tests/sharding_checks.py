@@ -153,6 +153,8 @@ def tuners() -> dict:
             sgd(), curvature="gauss_newton"), True),
         # every=2 over 3 steps: a measured, a held and a measured step.
         "cdat_every2": (lambda: cdat_fast.cdat(sgd(), every=2), False),
+        "cdat_subbatch": (lambda: cdat_fast.cdat(
+            sgd(), curvature=cdat_fast.estimators.subbatch(1 / 4)), False),
     })
   return table
 
@@ -272,6 +274,44 @@ def hlo_checks(mesh) -> dict:
   }
 
 
+def subbatch_checks(spec: str = "data=8", m: int = 4) -> dict:
+  """Where the sub-batch estimator's rows live on a data-parallel mesh.
+
+  The rows it selects from a batch split over the devices, per device:
+  how many, and whether they all come from that device's own rows; and the
+  non-scalar collectives of a compiled CDAT step with the sub-batch
+  curvature beyond those of the plain base step (the gradient's
+  all-reduce): rows moved between devices would show up there.
+  """
+  from cdat_fast.estimators.subbatch import every_mth_row  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(spec)
+  batch = sharding.shard_batch(make_batches(1)[0], mesh)
+  x = batch["x"]
+  rows = jax.jit(lambda v: every_mth_row(v, m))(x)
+  own = {s.device: np.asarray(s.data) for s in x.addressable_shards}
+  per_device, from_own_rows = [], []
+  for shard in rows.addressable_shards:
+    got = np.asarray(shard.data)
+    per_device.append(int(got.shape[0]))
+    mine = own[shard.device]
+    from_own_rows.append(bool(all(
+        any(np.array_equal(r, q) for q in mine) for r in got)))
+  make = lambda: cdat_fast.cdat(
+      optax.sgd(1.0), curvature=cdat_fast.estimators.subbatch(1 / m))
+  step = sharding.make_train_step(loss_fn, make(), mesh)
+  base = sharding.make_train_step(loss_fn, optax.sgd(0.1), mesh)
+  sub_hlo = sharding.hlo_collectives(_lowered_text(step, mesh))
+  base_hlo = sharding.hlo_collectives(_lowered_text(base, mesh))
+  return {
+      "rows_per_device": per_device,
+      "rows_from_own_device": from_own_rows,
+      "selected_rows": int(rows.shape[0]),
+      "collective_count": sub_hlo["count"],
+      "extra_nonscalar": _nonscalar_extra(sub_hlo, base_hlo),
+      "host_transfers": sub_hlo["host_transfers"],
+  }
+
+
 def check_tuners(shard: int = 0, num_shards: int = 1) -> dict:
   """Tuners ``shard::num_shards`` on their meshes against one device."""
   names = list(tuners())[shard::num_shards]
@@ -309,6 +349,8 @@ def check_tuners(shard: int = 0, num_shards: int = 1) -> dict:
          "missing": missing}
   if shard == 0:
     out["hlo"] = hlo_checks(meshes[MESHES[0]])
+  else:
+    out["subbatch"] = subbatch_checks()
   return out
 
 

@@ -257,6 +257,21 @@ def test_cdat_adds_only_scalar_collectives():
 
 
 @pytest.mark.multidevice
+def test_subbatch_rows_stay_on_their_devices_in_equal_shares():
+  """Every device selects 1/4 of its own 8 rows; no rows are moved."""
+  sub = result("tuners1")["subbatch"]
+  assert sub["selected_rows"] == sharding_checks.BATCH // 4
+  assert sub["rows_per_device"] == [sharding_checks.BATCH // 4 // 8] * 8
+  assert all(sub["rows_from_own_device"])
+  assert sub["host_transfers"] == []
+  # Nothing beyond the base step's gradient all-reduce but scalars, and no
+  # collective that moves rows.
+  assert sub["extra_nonscalar"] == []
+  for kind in ("all-gather", "all-to-all", "collective-permute"):
+    assert sub["collective_count"][kind] == 0, sub["collective_count"]
+
+
+@pytest.mark.multidevice
 def test_all_cheap_curvature_modes_checked():
   assert result("tuners0")["missing"] == []
 

@@ -1,0 +1,160 @@
+r"""What every curvature estimator implements, and what it is given.
+
+CDAT's rule (:func:`cdat_fast.scale_by_cdat`) needs, at each step, the
+curvature ``uᵀ∇²f(w)u`` along the base optimizer's update ``u``, and the
+slope ``∂f(w)[u] = gᵀu`` when no gradient was given. A
+:class:`CurvatureEstimator` provides them, as optax's
+``GradientTransformation`` provides an update: a pair of pure functions,
+
+* ``init(params) -> state``, a NamedTuple of arrays holding only what the
+  estimator needs (``optax.EmptyState()`` when nothing);
+* ``update(state, params, direction, objective, *, slope, value,
+  learning_rate) -> (Estimate, state)``.
+
+``objective`` is an :class:`Objective`: the ``value_fn`` (or ``model_fn``
+and ``loss_fn``) and the extra keyword arguments that ``update`` received.
+``slope`` is ``gᵀu`` when the caller gave a gradient, else None (the
+estimate must then carry ``∂f(w)[u]``); ``value`` is ``f(w)`` when the
+caller gave it, else None; ``learning_rate`` is ``η_{t-1}``, the step the
+rule took at the previous update (0 before the first, and after a skipped
+step). All scalars are in the state's float dtype.
+
+The rule owns the edge-case policy: when any number of the estimate is not
+finite the step is skipped and the estimator's new state is discarded, so an
+estimator never needs to guard its state against NaN. Estimators compose:
+:func:`~cdat_fast.estimators.every` and
+:func:`~cdat_fast.estimators.subbatch` wrap an inner one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cdat_fast import treemath
+from cdat_fast.objective import bind_objective, value_fn_kwargs
+from cdat_fast.tuned import scalar_dtype  # re-exported for the estimators
+
+PyTree = Any
+
+
+class Estimate(NamedTuple):
+  """One step's curvature estimate (scalars)."""
+  value: jax.Array  # f(w) as the estimator saw it (0 if it needed none)
+  slope: jax.Array  # ∂f(w)[u] = gᵀu
+  curvature: jax.Array  # ≈ uᵀ∇²f(w)u (its absolute value is used)
+
+
+class CurvatureEstimator(NamedTuple):
+  """An estimator of ``uᵀ∇²f(w)u``: ``init`` and ``update`` (module doc)."""
+  init: Callable[[PyTree], Any]
+  update: Callable[..., tuple[Estimate, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The objective as ``update`` received it, evaluated on demand.
+
+  Attributes:
+    who: the name used in error messages (e.g. ``"scale_by_cdat"``).
+    value_fn: ``value_fn(params, **kwargs)``, the scalar objective, or None.
+    model_fn: ``model_fn(params, **kwargs)``, parameters to outputs, or None.
+    loss_fn: ``loss_fn(outputs, **kwargs)``, outputs to a scalar, or None.
+    extra_args: the keyword arguments of ``update``; each function receives
+      those its signature names (all, if it takes ``**kwargs``).
+  """
+  who: str
+  value_fn: Callable[..., jax.Array] | None = None
+  model_fn: Callable[..., PyTree] | None = None
+  loss_fn: Callable[..., jax.Array] | None = None
+  extra_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def composed(self) -> bool:
+    """True when ``f = loss_fn ∘ model_fn`` stands in for ``value_fn``."""
+    return (self.value_fn is None and self.model_fn is not None
+            and self.loss_fn is not None)
+
+  def value(self) -> Callable[[PyTree], jax.Array]:
+    """``params -> f(params)``: ``value_fn``, or ``loss_fn ∘ model_fn``."""
+    if self.composed:
+      model, loss = self.model_and_loss()
+      return lambda p: loss(model(p))
+    return bind_objective(self.who, self.value_fn, self.extra_args)
+
+  def model_and_loss(self) -> tuple[Callable[[PyTree], PyTree],
+                                    Callable[[PyTree], jax.Array]]:
+    """``model(params)`` and ``loss(outputs)`` with their arguments bound."""
+    for name, fn, what in (
+        ("model_fn", self.model_fn, "parameters -> model outputs (e.g. logits)"),
+        ("loss_fn", self.loss_fn, "model outputs -> scalar loss")):
+      if fn is None:
+        raise TypeError(
+            f"{self.who}.update needs {name}=<function: {what}> (and any batch"
+            " it needs as extra keyword arguments)")
+      if not callable(fn):
+        raise TypeError(f"{self.who}: {name} must be callable, got {type(fn)}")
+    bind = lambda fn: functools.partial(
+        fn, **value_fn_kwargs(fn, self.extra_args))
+    return bind(self.model_fn), bind(self.loss_fn)
+
+  def received(self, functions: tuple[str, ...]) -> dict[str, list[str]]:
+    """For each extra argument, which of ``functions`` receive it."""
+    out: dict[str, list[str]] = {}
+    for name in functions:
+      fn = getattr(self, name)
+      if fn is not None:
+        for key in value_fn_kwargs(fn, self.extra_args):
+          out.setdefault(key, []).append(name)
+    return out
+
+  def with_args(self, extra_args: dict[str, Any]) -> Objective:
+    """The same functions with other extra arguments."""
+    return dataclasses.replace(self, extra_args=dict(extra_args))
+
+
+def scalar(x, dtype) -> jax.Array:
+  """``x`` as a scalar array of ``dtype``."""
+  return jnp.asarray(x).astype(dtype)
+
+
+def squared_norm(tree: PyTree, dtype) -> jax.Array:
+  """``‖u‖²`` accumulated in ``dtype``."""
+  return sum((jnp.sum(jnp.square(jnp.asarray(x).astype(dtype)))
+              for x in jax.tree.leaves(tree)), jnp.zeros([], dtype))
+
+
+def first_order_slope(objective: Objective, params: PyTree,
+                      direction: PyTree) -> jax.Array:
+  """``∂f(w)[u]`` by one first-order jvp (a forward pass and its tangent)."""
+  direction = treemath.cast_like(direction, params)
+  return jax.jvp(objective.value(), (params,), (direction,))[1]
+
+
+def measure_or_hold(measure_now, inner: CurvatureEstimator, inner_state,
+                    held: Callable[[], tuple[jax.Array, jax.Array]],
+                    params, direction, objective, *, slope, learning_rate,
+                    dtype):
+  """Runs ``inner`` under ``lax.cond(measure_now, ...)``, else ``held()``.
+
+  Returns ``(|curvature|, slope, inner_state)``: on the measured branch
+  those of ``inner`` (the inner state advanced), on the held branch
+  ``held()``'s curvature and slope (the inner state unchanged). The inner
+  estimator sees no ``value``: the caller's ``f(w)`` may belong to another
+  batch than the one it measures on.
+  """
+  def measured():
+    est, new_state = inner.update(
+        inner_state, params, direction, objective, slope=slope, value=None,
+        learning_rate=learning_rate)
+    return (jnp.abs(scalar(est.curvature, dtype)), scalar(est.slope, dtype),
+            new_state)
+
+  def hold():
+    curvature, s = held()
+    return scalar(curvature, dtype), scalar(s, dtype), inner_state
+
+  return jax.lax.cond(measure_now, measured, hold)
