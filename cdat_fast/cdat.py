@@ -53,7 +53,17 @@ CURVATURES = ("exact", "secant", "gauss_newton")
 
 
 class CDATState(NamedTuple):
-  """State of :func:`scale_by_cdat`. Scalars are float32 (float64 in x64 mode)."""
+  """State of :func:`scale_by_cdat`. Scalars are float32 (float64 in x64 mode).
+
+  Attributes:
+    count: int32, the number of updates.
+    learning_rate: ``η`` used at the last update.
+    numerator: ``ñ``, the averaged ``max(-gᵀu, 0)``.
+    denominator: ``d̃``, the averaged ``|uᵀHu| + ε``.
+    num_skipped: int32, steps with ``η`` forced to 0 (module doc).
+    estimator: the curvature estimator's state (``optax.EmptyState()`` for
+      the exact curvature).
+  """
   count: jax.Array  # int32, number of updates
   learning_rate: jax.Array  # η used at the last update
   numerator: jax.Array  # ñ, averaged max(-gᵀu, 0)

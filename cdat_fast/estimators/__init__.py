@@ -6,18 +6,16 @@ every=k)`` builds them by name. Each module holds an estimator's maths, its
 cost and its safeguards; what each keeps of exact CDAT's quality and what it
 costs is measured in ``docs/curvature.md``.
 
-===================  ==========================================================
-:func:`exact`        a jvp of a jvp every step: the reference
-:func:`subbatch`     an inner estimator on every ``m``-th row of the batch;
-                     the recommended fast mode (``subbatch(1/16)``, or with
-                     ``inner=gauss_newton()``)
-:func:`gauss_newton` ``(Ju)ᵀ∇²ℓ(Ju)``: first-order forward mode through the
-                     model
-:func:`every`        an inner estimator every ``k`` steps, held between, with
-                     safeguards (experimental)
-:func:`secant`       from the loss change along the previous step
-                     (experimental)
-===================  ==========================================================
+=====================  ========================================================
+:func:`exact`          a jvp of a jvp every step: the reference
+:func:`subbatch`       an inner estimator on every ``m``-th row of the batch
+:func:`gauss_newton`   ``(Ju)ᵀ∇²ℓ(Ju)``: first-order forward mode through the
+                       model
+:func:`every`          an inner estimator every ``k`` steps, held between, with
+                       safeguards (experimental)
+:func:`secant`         from the loss change along the previous step
+                       (experimental)
+=====================  ========================================================
 
 The interface (:class:`CurvatureEstimator`, :class:`Estimate`,
 :class:`Objective`) is in :mod:`cdat_fast.estimators.interface`.

@@ -204,25 +204,6 @@ def _public_type_names(app, what, name, obj, options, lines):
 
 
 # -- Docstrings skipped while their files are rewritten ---------------------
-# TEMPORARY, TO BE REMOVED (with the hook below) once the files are fixed: the
-# docstrings of the objects named here (full dotted names as autodoc documents
-# them: a module, class, function, method or attribute; exact match, not their
-# members) are not rendered, so that their warnings do not fail the build while
-# others rewrite those files. Their signatures and members are still listed.
-# Empty = every docstring is checked.
-_PENDING: list[str] = [
-    # Package docstring: "ERROR: Malformed table." (the first column of the
-    # simple table is narrower than ``:func:`gauss_newton```).
-    "cdat_fast.estimators",
-]
-
-
-def _drop_pending_docstrings(app, what, name, obj, options, lines):
-  del app, what, obj, options
-  if name in _PENDING:
-    lines[:] = []
-
-
 # -- Public API completeness -------------------------------------------------
 # Every name in ``cdat_fast.__all__`` must be documented as ``cdat_fast.NAME``
 # (on tuners.rst); a new export without a page entry fails the build.
@@ -244,7 +225,6 @@ def _check_public_api(app, env):
 def setup(app):
   app.connect("autodoc-skip-member", _skip_foreign_class_members)
   app.connect("autodoc-process-signature", _flax_module_signature)
-  app.connect("autodoc-process-docstring", _drop_pending_docstrings)
   # After napoleon (priority 500) has turned sections into reST.
   app.connect("autodoc-process-docstring", _public_type_names, priority=900)
   app.connect("env-check-consistency", _check_public_api)
