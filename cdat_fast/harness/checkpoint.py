@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from cdat_fast.harness.config import config_from_dict, config_to_dict
+
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
 
@@ -86,7 +88,6 @@ class Checkpointer:
 
   def save(self, *, step: int, carry, eigvec, cfg, initial_loss, records,
            history, stream_position) -> None:
-    from cdat_fast.harness.train import config_to_dict
     self.dir.mkdir(parents=True, exist_ok=True)
     path = self.dir / f"step_{step}"
     if path.exists():
@@ -111,7 +112,6 @@ class Checkpointer:
 
   def restore_latest(self, carry_like, cfg) -> Restored:
     """Restores the newest complete checkpoint into the structure of ``carry_like``."""
-    from cdat_fast.harness.train import config_from_dict, config_to_dict
     steps = self.steps()
     if not steps:
       raise CheckpointError(f"{self.dir}: no complete checkpoint to resume from")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from cdat_fast.harness.config import TrainConfig, config_from_dict
 from cdat_fast.harness.optimizers import BASES, SCHEDULES, TUNERS, OptimizerConfig
 
 EXIT_USAGE = 2
@@ -122,8 +123,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--hyper-beta", type=_float, default=1e-2)
 
 
-def _configs_from_args(args) -> "TrainConfig":
-  from cdat_fast.harness.train import TrainConfig
+def _configs_from_args(args) -> TrainConfig:
   opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
   opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
   loss = args.loss or ("cross_entropy" if args.dataset == "text" else "squared")
@@ -156,7 +156,6 @@ def _given_flags(argv: Sequence[str]) -> set[str]:
 
 def _resume_config(args, argv):
   """The saved config of the run in ``args.resume``, with flags given now."""
-  from cdat_fast.harness.train import config_from_dict
   run_dir = Path(args.resume)
   cfg_path = run_dir / "config.json"
   if not cfg_path.is_file():
@@ -442,7 +441,6 @@ def cmd_theory(args) -> int:
 
 def _flag_names(message: str) -> str:
   """``ls_c must be ...`` → ``--ls-c must be ...`` for config fields."""
-  from cdat_fast.harness.train import TrainConfig
   fields = ({f.name for f in dataclasses.fields(OptimizerConfig)}
             | {f.name for f in dataclasses.fields(TrainConfig)})
   first, _, rest = message.partition(" ")

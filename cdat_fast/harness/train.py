@@ -1,13 +1,15 @@
 """Training harness: jitted, chunked training runs with the paper's metrics.
 
 A run trains a model from :mod:`cdat_fast.harness.models` on a data set from
-:mod:`cdat_fast.harness.data` with an optimizer from :mod:`cdat_fast.harness.optimizers`. Steps
-run inside ``jax.lax.scan`` over chunks of ``log_every`` steps, so the host
-only wakes up to log. Every step records the loss, the learning rate, the
-gradient norm and (for CDAT) the numerator and denominator; every
-``sharpness_every`` steps the (preconditioned, for RMSProp/Adam) sharpness
-``λ_max`` and ``η·λ_max`` (2 is the edge of stability) are measured by power
-iteration, warm-started from the previous eigenvector.
+:mod:`cdat_fast.harness.data` with an optimizer from
+:mod:`cdat_fast.harness.optimizers`, as a :class:`TrainConfig`
+(:mod:`cdat_fast.harness.config`) says. Steps run inside ``jax.lax.scan`` over
+chunks of ``log_every`` steps, so the host only wakes up to log. Every step
+records the loss, the learning rate, the gradient norm and (for CDAT) the
+numerator and denominator; every ``sharpness_every`` steps the
+(preconditioned, for RMSProp/Adam) sharpness ``λ_max`` and ``η·λ_max`` (2 is
+the edge of stability) are measured by power iteration, warm-started from the
+previous eigenvector.
 
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` (one line per log
 point), ``history.npz`` (per-step loss and learning rate), ``summary.json``
@@ -23,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,68 +33,19 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cdat_fast import checks, treemath
+from cdat_fast import treemath
 from cdat_fast.curvature import preconditioner_from_state, sharpness
+# TrainConfig and its JSON form live in cdat_fast.harness.config; importable
+# from here as before.
+from cdat_fast.harness.config import (FUSED_MODELS, TrainConfig,  # noqa: F401
+                                      config_from_dict, config_to_dict)
 from cdat_fast.harness.data import Dataset, batches, load_dataset
-from cdat_fast.harness.losses import accuracy, get_loss, l2_penalty, make_loss_fn
+from cdat_fast.harness.losses import (accuracy, get_loss, l2_penalty,
+                                      make_loss_fn)
 from cdat_fast.harness.models import get_model, init_params
-from cdat_fast.harness.optimizers import ADAPTIVE, OptimizerConfig, build_optimizer
+from cdat_fast.harness.optimizers import ADAPTIVE, build_optimizer
+from cdat_fast.harness.optimizers import OptimizerConfig  # noqa: F401
 from cdat_fast.tuned import TunedState
-
-# Models with a ``fused`` variant built from cdat_fast.nn (--fused-kernels).
-FUSED_MODELS = ("mlp", "nanolm", "nanolm-paper", "vit", "vit-ti32", "mixer",
-                "mixer-ti8")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """A training run. Defaults are the README's first command."""
-  dataset: str = "digits"
-  data_dir: str | None = None
-  subset: int | None = None
-  model: str = "mlp"
-  width: int = 256  # MLP hidden width
-  depth: int = 2  # MLP hidden layers (0: a linear model)
-  loss: str = "squared"
-  weight_decay: float = 1e-5
-  steps: int = 300
-  batch_size: int | None = None  # None: full batch
-  curvature_batch: int | None = None  # CDAT's curvature on the first k examples
-  seed: int = 0
-  log_every: int = 25
-  sharpness_every: int = 0  # 0: never
-  sharpness_iters: int = 100
-  track_alignment: bool = False
-  divergence_factor: float = 1e3  # stop when loss > factor × initial loss
-  checkpoint_every: int = 0  # 0: no checkpoints
-  mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: one device
-  fused_kernels: bool = False  # model from cdat_fast.nn (fused jvp-of-jvp)
-  optimizer: OptimizerConfig = OptimizerConfig()
-
-  def validate(self) -> None:
-    for name in ("steps", "log_every", "width", "sharpness_iters"):
-      checks.check_int(name, getattr(self, name), low=1)
-    checks.check_int("depth", self.depth, low=0)
-    checks.check_int("sharpness_every", self.sharpness_every, low=0)
-    checks.check_int("checkpoint_every", self.checkpoint_every, low=0)
-    checks.check_int("seed", self.seed, low=0)
-    for name in ("batch_size", "curvature_batch", "subset"):
-      if getattr(self, name) is not None:
-        checks.check_int(name, getattr(self, name), low=1)
-    checks.check_range("weight_decay", self.weight_decay, low=0.0)
-    checks.check_range("divergence_factor", self.divergence_factor, low=1.0,
-                       allow_inf=True)
-    checks.check_choice("loss", self.loss, ("squared", "cross_entropy"))
-    from cdat_fast.harness.optimizers import validate
-    validate(self.optimizer)
-    if self.fused_kernels and self.model not in FUSED_MODELS:
-      raise ValueError(f"fused_kernels must be used with a model in"
-                       f" {FUSED_MODELS} (the models built from cdat_fast.nn),"
-                       f" got {self.model!r}")
-    if self.curvature_batch is not None and self.optimizer.tuner not in (
-        "cdat", "quadratic_greedy"):
-      raise ValueError("curvature_batch applies to the cdat and"
-                       f" quadratic_greedy tuners, not {self.optimizer.tuner!r}")
 
 
 @dataclasses.dataclass
@@ -102,16 +55,6 @@ class RunResult:
   records: list[dict[str, Any]]
   history: dict[str, np.ndarray]
   params: Any = None
-
-
-def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-  return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-  d = dict(d)
-  opt = OptimizerConfig(**d.pop("optimizer", {}))
-  return TrainConfig(**d, optimizer=opt)
 
 
 def build_model(cfg: TrainConfig, dataset: Dataset):
