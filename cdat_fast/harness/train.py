@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +129,29 @@ class Trainer:
     self.model = build_model(cfg, ds)
     self.loss_fn = make_loss_fn(self.model, cfg.loss, cfg.weight_decay)
     self.optimizer, self.schedule = build_optimizer(cfg.optimizer, cfg.steps)
+    self.curvature_fn, self.curvature_kwargs = self._curvature_objective()
+    self.mesh = None
+    if cfg.mesh:
+      from cdat_fast.sharding import make_mesh
+      self.mesh = make_mesh(cfg.mesh)
+    self._chunk = jax.jit(self._chunk_impl, static_argnames=("length",),
+                          donate_argnums=(0,))
+    self._sharpness = jax.jit(self._sharpness_impl)
+    self._eval = jax.jit(self._eval_impl)
+
+  def _curvature_objective(self):
+    """CDAT's curvature objective: ``(curvature_fn, update's kwargs)``.
+
+    The curvature is measured on the first ``curvature_batch`` examples of a
+    batch (all of it by default); Gauss–Newton gets the model and output loss.
+    """
+    cfg = self.cfg
     k = cfg.curvature_batch
     loss_fn = self.loss_fn
     part = (lambda batch: batch) if k is None else (
         lambda batch: _first(batch, k))
-    self.curvature_fn = (loss_fn if k is None else
-                         (lambda p, batch: loss_fn(p, part(batch))))
+    curvature_fn = (loss_fn if k is None else
+                    (lambda p, batch: loss_fn(p, part(batch))))
     if cfg.optimizer.curvature == "gauss_newton":
       # f = ℓ(m(w)) + μ/2‖w‖²: the model returns the parameters too, so the
       # Gauss–Newton form includes the weight decay's curvature μ‖u‖².
@@ -148,17 +165,10 @@ class Trainer:
         logits, p = out
         return per_example(logits, part(batch)["y"]) + l2_penalty(p, mu)
 
-      self.curvature_kwargs = dict(model_fn=model_fn, loss_fn=output_loss)
+      kwargs = dict(model_fn=model_fn, loss_fn=output_loss)
     else:
-      self.curvature_kwargs = dict(value_fn=self.curvature_fn)
-    self.mesh = None
-    if cfg.mesh:
-      from cdat_fast.sharding import make_mesh
-      self.mesh = make_mesh(cfg.mesh)
-    self._chunk = jax.jit(self._chunk_impl, static_argnames=("length",),
-                          donate_argnums=(0,))
-    self._sharpness = jax.jit(self._sharpness_impl)
-    self._eval = jax.jit(self._eval_impl)
+      kwargs = dict(value_fn=curvature_fn)
+    return curvature_fn, kwargs
 
   # -- compiled pieces -------------------------------------------------------
 
@@ -257,20 +267,9 @@ class Trainer:
     sharpness warm start, metrics so far) and training continues to
     ``cfg.steps``; the result is bit-identical to an uninterrupted run.
     """
-    cfg, ds = self.cfg, self.dataset
-    carry = self.init()
-    stream = (BatchStream(ds, cfg.batch_size, cfg.seed)
-              if cfg.batch_size is not None else None)
-    full = self._place({"x": ds.x_train, "y": ds.y_train})
-    probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
-    test = None
-    if ds.x_test is not None and len(ds.x_test):
-      test = jax.tree.map(jnp.asarray, {"x": ds.x_test, "y": ds.y_test})
-    history: dict[str, list[np.ndarray]] = {}
-    records: list[dict[str, Any]] = []
-    eigvec = None
-    status, message, initial_loss = "ok", "", None
-    done = 0
+    cfg = self.cfg
+    run = self._fresh_progress()
+    data = self._run_data()
     checkpointer = None
     if out_dir is not None and (cfg.checkpoint_every or resume):
       from cdat_fast.harness.checkpoint import Checkpointer
@@ -278,113 +277,196 @@ class Trainer:
     if resume:
       if checkpointer is None:
         raise ValueError("resume needs the run directory (out_dir)")
-      restored = checkpointer.restore_latest(carry, cfg)
-      carry, eigvec = restored.carry, restored.eigvec
-      done, initial_loss = restored.step, restored.initial_loss
-      records = restored.records
-      history = {k: [v] for k, v in restored.history.items()}
-      if stream is not None:
-        stream = BatchStream(ds, cfg.batch_size, cfg.seed,
-                             *restored.stream_position)
-    writer = _Writer(out_dir, cfg, records if resume else None)
-    last_checkpoint = done if resume else None
+      self._restore(run, checkpointer)
+    writer = _Writer(out_dir, cfg, run.records if resume else None)
     t0 = time.perf_counter()
     progress = progress and sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, disable=not progress, delay=3.0, leave=False,
                unit="step")
     try:
-      while done < cfg.steps:
-        length = min(cfg.log_every, cfg.steps - done)
-        if stream is None:
-          batch = full
-        else:
-          chunk = [next(stream) for _ in range(length)]
-          batch = self._place({k: np.stack([b[k] for b in chunk])
-                               for k in ("x", "y")}, stacked=True)
-        carry, metrics = self._chunk(carry, batch, length=length)
-        metrics = jax.device_get(metrics)
-        for k, v in metrics.items():
-          history.setdefault(k, []).append(np.asarray(v))
-        done += length
+      while run.done < cfg.steps:
+        length = min(cfg.log_every, cfg.steps - run.done)
+        metrics = self._train_chunk(run, data, length)
         bar.update(length)
-        losses = metrics["loss"]
-        if initial_loss is None:
-          initial_loss = float(losses[0])
-        record = {"step": done}
-        record.update({k: float(v[-1]) for k, v in metrics.items()})
-        if test is not None:
-          record["test_accuracy"] = float(self._eval(carry[0], test))
-        if cfg.sharpness_every and (done // cfg.sharpness_every >
-                                    (done - length) // cfg.sharpness_every
-                                    or done == length):
-          lam, eigvec = self._sharpness(carry[0], carry[1], probe, eigvec)
-          record["sharpness"] = float(lam)
-          record["eta_sharpness"] = record["learning_rate"] * float(lam)
-          if cfg.track_alignment:
-            u = carry[2]
-            nu = float(optax.tree.norm(u))
-            record["alignment"] = (abs(float(treemath.vdot(u, eigvec))) / nu
-                                   if nu > 0 else 0.0)
-        records.append(record)
+        record = self._record(run, metrics, data, length)
+        run.records.append(record)
         writer.record(record)
         if echo is not None:
-          line = (f"step {done:>{len(str(cfg.steps))}}/{cfg.steps}"
-                  f"  loss {record['loss']:.5g}  lr {record['learning_rate']:.4g}")
-          if "test_accuracy" in record:
-            line += f"  test acc {record['test_accuracy']:.3f}"
-          if "eta_sharpness" in record:
-            line += f"  η·λ {record['eta_sharpness']:.3f}"
+          line = self._log_line(record)
           bar.write(line) if progress else echo(line)
-        bad = ~np.isfinite(losses)
-        if bad.any():
-          status = "diverged"
-          first = done - length + int(np.argmax(bad))
-          message = f"loss is not finite at step {first}"
-        elif np.max(losses) > cfg.divergence_factor * max(initial_loss, 1e-30):
-          status = "diverged"
-          message = (f"loss {float(np.max(losses)):.4g} exceeds"
-                     f" {cfg.divergence_factor:g}× the initial loss"
-                     f" {initial_loss:.4g}")
-        if status != "ok":
-          if last_checkpoint is not None:
-            message += f"; last good checkpoint: step {last_checkpoint}"
+        if self._check_divergence(run, metrics["loss"], length):
           break
         if checkpointer is not None and cfg.checkpoint_every and (
-            done // cfg.checkpoint_every >
-            (done - length) // cfg.checkpoint_every or done == cfg.steps):
-          checkpointer.save(
-              step=done, carry=carry, eigvec=eigvec, cfg=cfg,
-              initial_loss=initial_loss, records=records,
-              history={k: np.concatenate(v) for k, v in history.items()},
-              stream_position=((stream.epoch, stream.position)
-                               if stream is not None else (0, 0)))
-          last_checkpoint = done
+            _crossed(run.done, length, cfg.checkpoint_every)
+            or run.done == cfg.steps):
+          self._save(run, checkpointer)
     finally:
       bar.close()
-    seconds = time.perf_counter() - t0
-    hist = {k: np.concatenate(v) for k, v in history.items()}
+    summary, hist = self._summary(run, time.perf_counter() - t0)
+    writer.finish(summary, hist, run.records)
+    return RunResult(summary, run.records, hist, run.carry[0])
+
+  # -- the pieces of a run ---------------------------------------------------
+
+  def _fresh_progress(self) -> _Progress:
+    cfg = self.cfg
+    stream = (BatchStream(self.dataset, cfg.batch_size, cfg.seed)
+              if cfg.batch_size is not None else None)
+    return _Progress(carry=self.init(), stream=stream)
+
+  def _run_data(self) -> _RunData:
+    """The full batch (placed), the sharpness probe and the test set."""
+    ds = self.dataset
+    full = self._place({"x": ds.x_train, "y": ds.y_train})
+    probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
+    test = None
+    if ds.x_test is not None and len(ds.x_test):
+      test = jax.tree.map(jnp.asarray, {"x": ds.x_test, "y": ds.y_test})
+    return _RunData(full=full, probe=probe, test=test)
+
+  def _restore(self, run: _Progress, checkpointer) -> None:
+    """Continues ``run`` from the latest checkpoint of ``checkpointer``."""
+    cfg = self.cfg
+    restored = checkpointer.restore_latest(run.carry, cfg)
+    run.carry, run.eigvec = restored.carry, restored.eigvec
+    run.done, run.initial_loss = restored.step, restored.initial_loss
+    run.records = restored.records
+    run.history = {k: [v] for k, v in restored.history.items()}
+    if run.stream is not None:
+      run.stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed,
+                               *restored.stream_position)
+    run.last_checkpoint = run.done
+
+  def _save(self, run: _Progress, checkpointer) -> None:
+    stream = run.stream
+    checkpointer.save(
+        step=run.done, carry=run.carry, eigvec=run.eigvec, cfg=self.cfg,
+        initial_loss=run.initial_loss, records=run.records,
+        history={k: np.concatenate(v) for k, v in run.history.items()},
+        stream_position=((stream.epoch, stream.position)
+                         if stream is not None else (0, 0)))
+    run.last_checkpoint = run.done
+
+  def _train_chunk(self, run: _Progress, data: _RunData,
+                   length: int) -> dict[str, np.ndarray]:
+    """Runs ``length`` steps; returns their metrics (one value per step)."""
+    if run.stream is None:
+      batch = data.full
+    else:
+      chunk = [next(run.stream) for _ in range(length)]
+      batch = self._place({k: np.stack([b[k] for b in chunk])
+                           for k in ("x", "y")}, stacked=True)
+    run.carry, metrics = self._chunk(run.carry, batch, length=length)
+    metrics = jax.device_get(metrics)
+    for k, v in metrics.items():
+      run.history.setdefault(k, []).append(np.asarray(v))
+    run.done += length
+    if run.initial_loss is None:
+      run.initial_loss = float(metrics["loss"][0])
+    return metrics
+
+  def _record(self, run: _Progress, metrics: dict[str, np.ndarray],
+              data: _RunData, length: int) -> dict[str, Any]:
+    """A chunk's log record: its last step's metrics, test accuracy, λ_max."""
+    cfg = self.cfg
+    record = {"step": run.done}
+    record.update({k: float(v[-1]) for k, v in metrics.items()})
+    if data.test is not None:
+      record["test_accuracy"] = float(self._eval(run.carry[0], data.test))
+    if cfg.sharpness_every and (_crossed(run.done, length, cfg.sharpness_every)
+                                or run.done == length):
+      lam, run.eigvec = self._sharpness(run.carry[0], run.carry[1], data.probe,
+                                        run.eigvec)
+      record["sharpness"] = float(lam)
+      record["eta_sharpness"] = record["learning_rate"] * float(lam)
+      if cfg.track_alignment:
+        u = run.carry[2]
+        nu = float(optax.tree.norm(u))
+        record["alignment"] = (abs(float(treemath.vdot(u, run.eigvec))) / nu
+                               if nu > 0 else 0.0)
+    return record
+
+  def _log_line(self, record: dict) -> str:
+    steps = self.cfg.steps
+    line = (f"step {record['step']:>{len(str(steps))}}/{steps}"
+            f"  loss {record['loss']:.5g}  lr {record['learning_rate']:.4g}")
+    if "test_accuracy" in record:
+      line += f"  test acc {record['test_accuracy']:.3f}"
+    if "eta_sharpness" in record:
+      line += f"  η·λ {record['eta_sharpness']:.3f}"
+    return line
+
+  def _check_divergence(self, run: _Progress, losses: np.ndarray,
+                        length: int) -> bool:
+    """Marks ``run`` diverged if a loss of the chunk is not finite or high."""
+    cfg = self.cfg
+    bad = ~np.isfinite(losses)
+    if bad.any():
+      first = run.done - length + int(np.argmax(bad))
+      message = f"loss is not finite at step {first}"
+    elif np.max(losses) > cfg.divergence_factor * max(run.initial_loss, 1e-30):
+      message = (f"loss {float(np.max(losses)):.4g} exceeds"
+                 f" {cfg.divergence_factor:g}× the initial loss"
+                 f" {run.initial_loss:.4g}")
+    else:
+      return False
+    if run.last_checkpoint is not None:
+      message += f"; last good checkpoint: step {run.last_checkpoint}"
+    run.status, run.message = "diverged", message
+    return True
+
+  def _summary(self, run: _Progress, seconds: float
+               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The run's summary (final loss: mean of the last 5) and its history."""
+    hist = {k: np.concatenate(v) for k, v in run.history.items()}
     losses = hist.get("loss", np.zeros(0))
     tail = losses[-5:]
     last5 = float(np.mean(tail)) if len(tail) and np.all(
         np.isfinite(tail)) else math.inf
     # A diverged run ranks last whatever its last losses were.
-    final = last5 if status == "ok" else math.inf
+    final = last5 if run.status == "ok" else math.inf
     summary = {
-        "status": status,
-        "message": message,
-        "steps": int(done),
+        "status": run.status,
+        "message": run.message,
+        "steps": int(run.done),
         "final_loss": final,
         "last5_loss": last5,
-        "initial_loss": initial_loss,
-        "final_learning_rate": float(hist["learning_rate"][-1]) if done else None,
+        "initial_loss": run.initial_loss,
+        "final_learning_rate": (float(hist["learning_rate"][-1]) if run.done
+                                else None),
         "seconds": seconds,
-        "num_skipped": int(optax.tree.get(carry[1], "num_skipped", default=0)),
+        "num_skipped": int(optax.tree.get(run.carry[1], "num_skipped",
+                                          default=0)),
     }
-    if records and "test_accuracy" in records[-1]:
-      summary["test_accuracy"] = records[-1]["test_accuracy"]
-    writer.finish(summary, hist, records)
-    return RunResult(summary, records, hist, carry[0])
+    if run.records and "test_accuracy" in run.records[-1]:
+      summary["test_accuracy"] = run.records[-1]["test_accuracy"]
+    return summary, hist
 
+
+def _crossed(done: int, length: int, every: int) -> bool:
+  """Whether the chunk ending at ``done`` passes a multiple of ``every``."""
+  return done // every > (done - length) // every
+
+
+class _RunData(NamedTuple):
+  full: Any  # the whole training set, on the device(s)
+  probe: Any  # where the sharpness is measured (at most 4096 examples)
+  test: Any  # the test set, or None
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Where a run stands: what a checkpoint saves and a resume restores."""
+  carry: Any  # (params, optimizer state, previous update, step)
+  stream: BatchStream | None  # minibatch order; None: full batch
+  done: int = 0
+  initial_loss: float | None = None
+  eigvec: Any = None  # sharpness warm start
+  records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  history: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+  status: str = "ok"
+  message: str = ""
+  last_checkpoint: int | None = None
 
 class _Writer:
   """Writes a run's files; nothing is written without an ``out_dir``."""
