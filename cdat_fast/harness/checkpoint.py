@@ -5,13 +5,17 @@ the arrays of the scan carry (parameters, optimizer and tuner state, prior
 update, step counter) and the sharpness warm start; beside it
 ``step_<n>.json`` holds what lives on the host: the data order (epoch and
 position of the minibatch stream), the initial loss, the metrics records so
-far and the configuration; ``step_<n>.npz`` the per-step history so far. The
-JSON file is written last, so a checkpoint without it is incomplete and
-ignored. The two newest checkpoints are kept.
+far, the configuration and the version of cdat-fast that wrote it
+(``cdat_fast.__version__``; none: 0.1.0); ``step_<n>.npz`` the per-step
+history so far. The JSON file is written last, so a checkpoint without it is
+incomplete and ignored. The two newest checkpoints are kept.
 
 Resuming requires the configuration the checkpoint was written with, except
 for ``steps`` and ``checkpoint_every``; anything else differing is reported by
-name (:class:`CheckpointError`).
+name (:class:`CheckpointError`). A checkpoint whose arrays do not fit the
+current run's state (an optimizer or tuner state whose fields changed) is
+reported in one line, naming the version that wrote it when it differs from
+the running one.
 """
 from __future__ import annotations
 
@@ -24,9 +28,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+import cdat_fast
 from cdat_fast.harness.config import config_from_dict, config_to_dict
 
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+# Written by cdat-fast 0.1.0, whose checkpoints do not record a version.
+UNVERSIONED = "0.1.0"
 
 
 class CheckpointError(ValueError):
@@ -98,7 +105,8 @@ class Checkpointer:
     self._ckpt.save(path, tree)
     self._ckpt.wait_until_finished()
     np.savez(self.dir / f"step_{step}.npz", **history)
-    meta = {"step": step, "initial_loss": initial_loss,
+    meta = {"version": cdat_fast.__version__, "step": step,
+            "initial_loss": initial_loss,
             "has_eigvec": eigvec is not None,
             "stream_position": list(stream_position), "records": records,
             "config": config_to_dict(cfg)}
@@ -121,8 +129,41 @@ class Checkpointer:
     except (OSError, ValueError) as e:
       raise CheckpointError(
           f"{self.dir}/step_{step}.json: unreadable checkpoint metadata: {e}")
+    self._check_config(meta["config"], cfg)
+    if step > cfg.steps:
+      raise CheckpointError(
+          f"{self.dir}: checkpoint is at step {step}, beyond steps={cfg.steps}")
+    target = {"carry": carry_like}
+    if meta["has_eigvec"]:
+      target["eigvec"] = carry_like[0]
+    abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
+    path = self.dir / f"step_{step}"
+    written_by = meta.get("version", UNVERSIONED)
+    if written_by != cdat_fast.__version__:
+      mismatch = self._structure_mismatch(path, abstract)
+      if mismatch:
+        raise CheckpointError(self._version_message(written_by, mismatch))
+    try:
+      tree = self._ckpt.restore(path, abstract)
+    except Exception as e:  # orbax raises many types; report one line.
+      if written_by != cdat_fast.__version__:
+        raise CheckpointError(self._version_message(written_by, _one_line(e)))
+      raise CheckpointError(f"{path}: cannot restore checkpoint: "
+                            + _one_line(e))
+    try:
+      with np.load(self.dir / f"step_{step}.npz") as h:
+        history = {k: h[k] for k in h.files}
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"{path}: cannot restore checkpoint: "
+                            + _one_line(e))
+    return Restored(step=step, carry=tree["carry"], eigvec=tree.get("eigvec"),
+                    initial_loss=meta["initial_loss"], records=meta["records"],
+                    history=history,
+                    stream_position=tuple(meta["stream_position"]))
+
+  def _check_config(self, saved: dict, cfg) -> None:
+    """Raises unless ``saved`` is ``cfg`` up to resumable changes."""
     as_json = lambda c: json.loads(json.dumps(config_to_dict(c), default=str))
-    saved = meta["config"]
     try:  # Fields added since the checkpoint was written take their defaults.
       saved = as_json(config_from_dict(saved))
     except TypeError:  # Unknown fields: compare as written, and report them.
@@ -132,22 +173,56 @@ class Checkpointer:
       raise CheckpointError(
           f"{self.dir}: checkpoint from an incompatible configuration ("
           + "; ".join(diffs) + ")")
-    if step > cfg.steps:
-      raise CheckpointError(
-          f"{self.dir}: checkpoint is at step {step}, beyond steps={cfg.steps}")
-    target = {"carry": carry_like}
-    if meta["has_eigvec"]:
-      target["eigvec"] = carry_like[0]
-    abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target)
+
+  def _structure_mismatch(self, path: Path, abstract) -> str | None:
+    """How the arrays saved in ``path`` differ from ``abstract``'s.
+
+    None when they fit, or when the saved structure cannot be read (restoring
+    then says why).
+    """
     try:
-      tree = self._ckpt.restore(self.dir / f"step_{step}", abstract)
-      with np.load(self.dir / f"step_{step}.npz") as h:
-        history = {k: h[k] for k in h.files}
-    except Exception as e:  # orbax raises many types; report one line.
-      raise CheckpointError(
-          f"{self.dir}/step_{step}: cannot restore checkpoint: "
-          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return Restored(step=step, carry=tree["carry"], eigvec=tree.get("eigvec"),
-                    initial_loss=meta["initial_loss"], records=meta["records"],
-                    history=history,
-                    stream_position=tuple(meta["stream_position"]))
+      saved = self._ckpt.metadata(path)
+      saved = _array_shapes(getattr(saved, "item_metadata", saved))
+    except Exception:  # noqa: BLE001 (orbax raises many types)
+      return None
+    return _describe_mismatch(saved, _array_shapes(abstract))
+
+  def _version_message(self, written_by: str, why: str) -> str:
+    return (f"{self.dir}: checkpoint written by cdat-fast {written_by} does not"
+            f" fit cdat-fast {cdat_fast.__version__} ({why}); resume it with"
+            f" cdat-fast {written_by}, or start a new run")
+
+
+def _one_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _array_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """``{dotted path: shape}`` of a tree's arrays (NamedTuple fields by name)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in keys): tuple(leaf.shape)
+          for keys, leaf in leaves}
+
+
+def _describe_mismatch(saved: dict, current: dict, most: int = 3) -> str | None:
+  """A phrase naming (up to ``most`` of) the arrays that differ; None: none."""
+  def some(names):
+    names = sorted(names)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+  parts = []
+  if only := set(saved) - set(current):
+    parts.append(f"only in the checkpoint: {some(only)}")
+  if only := set(current) - set(saved):
+    parts.append(f"only in this version: {some(only)}")
+  shapes = {k for k in set(saved) & set(current) if saved[k] != current[k]}
+  if shapes:
+    parts.append(f"other shapes: {some(shapes)}")
+  return "; ".join(parts) or None
