@@ -23,7 +23,7 @@ from cdat_fast.sharpness_rule import (SharpnessRuleState, scale_by_sharpness_rul
                                       sharpness_rule)
 from cdat_fast.tuned import TunedState, tuned
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Imported on first access (PEP 562); see the module docstring.
 _LAZY_SUBMODULES = ("curvature", "estimators", "harness", "kernels", "nn",

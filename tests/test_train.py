@@ -1,6 +1,8 @@
 """The training harness on tiny settings."""
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -84,6 +86,34 @@ def test_curvature_batch_changes_only_the_curvature(digits):
   # Same first loss (same init), different learning rates.
   assert r.history["loss"][0] == full.history["loss"][0]
   assert r.history["learning_rate"][0] != full.history["learning_rate"][0]
+
+
+def test_curvature_batch_is_the_sub_batch_estimator(digits):
+  # All rows (m = 1) is exact CDAT; half the rows is every other example.
+  base = dict(**{**TINY, "steps": 3})
+  full = Trainer(TrainConfig(**base), dataset=digits).run(
+      progress=False, echo=None)
+  same = Trainer(TrainConfig(**base, curvature_batch=128),
+                 dataset=digits).run(progress=False, echo=None)
+  np.testing.assert_array_equal(same.history["learning_rate"],
+                                full.history["learning_rate"])
+  trainer = Trainer(TrainConfig(**base, curvature_batch=64), dataset=digits)
+  params = trainer.init()[0]
+  batch = {"x": jnp.asarray(digits.x_train), "y": jnp.asarray(digits.y_train)}
+  g = jax.grad(trainer.loss_fn)(params, batch)
+  exact, _ = build_optimizer(OptimizerConfig(), 3)  # by hand on the rows
+  _, state = exact.update(
+      g, exact.init(params), params, value_fn=lambda p: trainer.loss_fn(
+          p, jax.tree.map(lambda v: v[::2], batch)))
+  half = trainer.run(progress=False, echo=None)
+  np.testing.assert_allclose(half.history["learning_rate"][0],
+                             optax.tree.get(state, "learning_rate"),
+                             rtol=1e-6)
+
+
+def test_curvature_batch_must_divide_the_batch(digits):
+  with pytest.raises(ValueError, match="curvature_batch=48 must divide"):
+    Trainer(TrainConfig(**TINY, curvature_batch=48), dataset=digits)
 
 
 @pytest.mark.parametrize("tuner", ["linesearch", "polyak", "hypergradient",

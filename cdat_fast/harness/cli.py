@@ -113,7 +113,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--every", type=_positive_int, default=1,
                  help="CDAT: refresh the curvature every k steps")
   g.add_argument("--curvature-batch", type=_positive_int, default=None,
-                 help="CDAT: curvature on the first k examples of the batch")
+                 help="CDAT: curvature on k examples of each batch (every"
+                 " (batch/k)-th; k must divide the batch)")
   g.add_argument("--ls-c", type=_float, default=1e-4)
   g.add_argument("--ls-relative-decrease", type=_float, default=0.0)
   g.add_argument("--ls-increase-factor", type=_float, default=math.inf)

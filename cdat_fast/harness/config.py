@@ -33,7 +33,7 @@ class TrainConfig:
   weight_decay: float = 1e-5
   steps: int = 300
   batch_size: int | None = None  # None: full batch
-  curvature_batch: int | None = None  # CDAT's curvature on the first k examples
+  curvature_batch: int | None = None  # CDAT's curvature on k examples of a batch
   seed: int = 0
   log_every: int = 25
   sharpness_every: int = 0  # 0: never

@@ -16,7 +16,8 @@ from typing import Callable
 import optax
 
 from cdat_fast import checks
-from cdat_fast.cdat import cdat
+from cdat_fast import estimators
+from cdat_fast.cdat import cdat, make_estimator
 from cdat_fast.hypergradient import hypergradient
 from cdat_fast.linesearch import backtracking_linesearch
 from cdat_fast.polyak import polyak
@@ -120,10 +121,32 @@ def schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, horizon, 0.0)
 
 
-def build_optimizer(cfg: OptimizerConfig, steps: int
+def curvature_estimator(cfg: OptimizerConfig,
+                        fraction: float | None = None):
+  """CDAT's curvature as the config names it, on a sub-batch if ``fraction``.
+
+  With ``fraction`` the named curvature (exact or Gauss–Newton) is measured
+  by :func:`cdat_fast.estimators.subbatch`; ``every > 1`` wraps that, and the
+  secant estimate falls back to it.
+  """
+  if fraction is None:
+    return make_estimator(cfg.curvature, cfg.every)
+  if cfg.curvature == "secant":
+    return estimators.secant(fallback=estimators.subbatch(fraction))
+  inner = (estimators.gauss_newton() if cfg.curvature == "gauss_newton"
+           else estimators.exact())
+  return make_estimator(estimators.subbatch(fraction, inner), cfg.every)
+
+
+def build_optimizer(cfg: OptimizerConfig, steps: int, *,
+                    curvature_fraction: float | None = None,
                     ) -> tuple[optax.GradientTransformationExtraArgs,
                                Callable | None]:
-  """Returns ``(optimizer, schedule or None)``; the schedule only for ``constant``."""
+  """Returns ``(optimizer, schedule or None)``; the schedule only for ``constant``.
+
+  ``curvature_fraction``: CDAT's curvature on that fraction of each batch
+  (:func:`curvature_estimator`).
+  """
   validate(cfg)
   base = base_optimizer(cfg.base)
   if cfg.tuner == "constant":
@@ -132,12 +155,8 @@ def build_optimizer(cfg: OptimizerConfig, steps: int
     return optax.with_extra_args_support(opt), sched
   if cfg.tuner in ("cdat", "quadratic_greedy"):
     scale = 1.0 if cfg.tuner == "quadratic_greedy" else cfg.scale
-    kwargs = {}
-    if cfg.curvature != "exact":
-      kwargs["curvature"] = cfg.curvature
-    if cfg.every != 1:
-      kwargs["every"] = cfg.every
-    return cdat(base, scale=scale, ema=cfg.ema, eps=cfg.eps, **kwargs), None
+    return cdat(base, scale=scale, ema=cfg.ema, eps=cfg.eps,
+                curvature=curvature_estimator(cfg, curvature_fraction)), None
   if cfg.tuner == "linesearch":
     return backtracking_linesearch(
         base, c=cfg.ls_c, relative_decrease=cfg.ls_relative_decrease,

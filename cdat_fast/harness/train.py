@@ -128,8 +128,10 @@ class Trainer:
       raise ValueError("loss: use cross_entropy for text data")
     self.model = build_model(cfg, ds)
     self.loss_fn = make_loss_fn(self.model, cfg.loss, cfg.weight_decay)
-    self.optimizer, self.schedule = build_optimizer(cfg.optimizer, cfg.steps)
-    self.curvature_fn, self.curvature_kwargs = self._curvature_objective()
+    self.optimizer, self.schedule = build_optimizer(
+        cfg.optimizer, cfg.steps,
+        curvature_fraction=self._curvature_fraction())
+    self.curvature_kwargs = self._curvature_objective()
     self.mesh = None
     if cfg.mesh:
       from cdat_fast.sharding import make_mesh
@@ -139,36 +141,45 @@ class Trainer:
     self._sharpness = jax.jit(self._sharpness_impl)
     self._eval = jax.jit(self._eval_impl)
 
-  def _curvature_objective(self):
-    """CDAT's curvature objective: ``(curvature_fn, update's kwargs)``.
+  def _curvature_fraction(self) -> float | None:
+    """``curvature_batch / rows per batch``: CDAT's curvature sub-batch.
 
-    The curvature is measured on the first ``curvature_batch`` examples of a
-    batch (all of it by default); Gauss–Newton gets the model and output loss.
+    The curvature is measured on every ``m``-th example of each batch,
+    ``m = rows / curvature_batch`` (:func:`cdat_fast.estimators.subbatch`),
+    so that on a mesh every device measures on its own rows.
+    """
+    k = self.cfg.curvature_batch
+    if k is None:
+      return None
+    rows = self.cfg.batch_size or len(self.dataset.x_train)
+    if k > rows or rows % k:
+      raise ValueError(
+          f"curvature_batch={k} must divide the batch ({rows} rows): the"
+          " curvature is measured on every (rows/curvature_batch)-th example")
+    return k / rows
+
+  def _curvature_objective(self) -> dict:
+    """What CDAT's ``update`` needs to measure the curvature.
+
+    ``value_fn`` (the training loss, which takes the batch); Gauss–Newton
+    gets the model and the output loss instead.
     """
     cfg = self.cfg
-    k = cfg.curvature_batch
-    loss_fn = self.loss_fn
-    part = (lambda batch: batch) if k is None else (
-        lambda batch: _first(batch, k))
-    curvature_fn = (loss_fn if k is None else
-                    (lambda p, batch: loss_fn(p, part(batch))))
-    if cfg.optimizer.curvature == "gauss_newton":
-      # f = ℓ(m(w)) + μ/2‖w‖²: the model returns the parameters too, so the
-      # Gauss–Newton form includes the weight decay's curvature μ‖u‖².
-      model, loss_name, mu = self.model, cfg.loss, cfg.weight_decay
-      per_example = get_loss(loss_name)
+    if cfg.optimizer.curvature != "gauss_newton":
+      return dict(value_fn=self.loss_fn)
+    # f = ℓ(m(w)) + μ/2‖w‖²: the model returns the parameters too, so the
+    # Gauss–Newton form includes the weight decay's curvature μ‖u‖².
+    model, loss_name, mu = self.model, cfg.loss, cfg.weight_decay
+    per_example = get_loss(loss_name)
 
-      def model_fn(p, batch):
-        return model.apply({"params": p}, part(batch)["x"]), p
+    def model_fn(p, batch):
+      return model.apply({"params": p}, batch["x"]), p
 
-      def output_loss(out, batch):
-        logits, p = out
-        return per_example(logits, part(batch)["y"]) + l2_penalty(p, mu)
+    def output_loss(out, batch):
+      logits, p = out
+      return per_example(logits, batch["y"]) + l2_penalty(p, mu)
 
-      kwargs = dict(model_fn=model_fn, loss_fn=output_loss)
-    else:
-      kwargs = dict(value_fn=curvature_fn)
-    return curvature_fn, kwargs
+    return dict(model_fn=model_fn, loss_fn=output_loss)
 
   # -- compiled pieces -------------------------------------------------------
 
