@@ -14,7 +14,8 @@ small NanoLM on synthetic text), trained on minibatches of 1/8 of their data
 ``every10_noguard`` ``every=10, secant_guard=0``
 ``every10_notol``   ``every=10, refresh_tol=inf`` (no early refresh)
 ``every10_neither`` ``every=10, secant_guard=0, refresh_tol=inf``
-``sub4``, ``sub16`` exact curvature on 1/4, 1/16 of each minibatch
+``sub4``, ``sub16`` ``estimators.subbatch(1/4)``, ``(1/16)``: exact curvature
+                    on every 4th, 16th row of each minibatch
 ==================  ============================================================
 
 Safeguards 3 and 4 of ``every=k`` (secant guard, early refresh) read the
@@ -38,21 +39,22 @@ import time
 
 import jax
 import numpy as np
-import optax
 
-from bench_curvature import make_problems, make_variant
+from bench_curvature import jvp_steps, make_problems, make_variant
 
 INF = float("inf")
+# name -> (the bench_curvature variant it builds on, cdat keyword arguments
+# replacing that variant's).
 VARIANTS = {
-    "gd": None,
-    "exact": {},
-    "every10": dict(every=10),
-    "every10_single": dict(every=10, refresh_steps=1),
-    "every10_noguard": dict(every=10, secant_guard=0.0),
-    "every10_notol": dict(every=10, refresh_tol=INF),
-    "every10_neither": dict(every=10, secant_guard=0.0, refresh_tol=INF),
-    "sub4": {},
-    "sub16": {},
+    "gd": ("gd", None),
+    "exact": ("exact", None),
+    "every10": ("every10", None),
+    "every10_single": ("every10_single", None),
+    "every10_noguard": ("every10", dict(secant_guard=0.0)),
+    "every10_notol": ("every10", dict(refresh_tol=INF)),
+    "every10_neither": ("every10", dict(secant_guard=0.0, refresh_tol=INF)),
+    "sub4": ("sub4", None),
+    "sub16": ("sub16", None),
 }
 
 
@@ -67,8 +69,8 @@ def run(problem, variants, seed, steps, chunk, fraction=8):
   full = jax.jit(problem.loss)
   runs = {}
   for name in variants:
-    init, step = make_variant(problem, name, ema=0.9,
-                              extra=VARIANTS[name] or None)
+    base, extra = VARIANTS[name]
+    init, step = make_variant(problem, base, ema=0.9, extra=extra)
     state = init(problem.params)
     runs[name] = dict(fn=jax.jit(step).lower(
         problem.params, state, batches[0]).compile(), p=problem.params,
@@ -88,8 +90,8 @@ def run(problem, variants, seed, steps, chunk, fraction=8):
   out = {}
   for name in variants:
     r = runs[name]
-    jvp = (None if r["s"] == () else
-           int(optax.tree.get(r["s"], "num_refreshes")) / steps)
+    count = jvp_steps(r["s"], steps)
+    jvp = None if count is None else count / steps
     out[name] = (r["final"], statistics.median(r["times"]),
                  jvp)
   return out

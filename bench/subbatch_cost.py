@@ -4,7 +4,9 @@ For one benchmark problem of ``bench_curvature.py`` (default: the NanoLM),
 times, each as one jitted function and interleaved round by round:
 
 * ``grad``: ``value_and_grad`` on the full batch (the base step's work);
-* ``jvp2 1/k``: the jvp of a jvp alone on the first ``1/k`` of the batch;
+* ``jvp2 1/k``: the jvp of a jvp alone on every ``k``-th row of the batch
+  (the rows ``estimators.subbatch(1/k)`` takes, cut inside the function as
+  the estimator does);
 * ``step 1/k``: both in one jitted function, as in a sub-batch CDAT step
   (``k = 1`` is exact CDAT's work).
 
@@ -16,6 +18,7 @@ Run: ``python bench/subbatch_cost.py [--model nanolm] [--rounds 20]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -24,8 +27,15 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cdat_fast.estimators.subbatch import every_mth_row
+
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_curvature  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _rows(batch, k):
+  """Every ``k``-th row of each leaf, as ``estimators.subbatch(1/k)``."""
+  return jax.tree.map(lambda v: every_mth_row(v, k), batch)
 
 
 def _jvp2(loss, params, direction):
@@ -36,7 +46,7 @@ def _jvp2(loss, params, direction):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="nanolm",
-                      choices=("mlp", "conv", "nanolm"))
+                      choices=bench_curvature.PROBLEMS)
   parser.add_argument("--parts", default="1,2,4,16")
   parser.add_argument("--rounds", type=int, default=20)
   args = parser.parse_args(argv)
@@ -46,17 +56,17 @@ def main(argv=None):
   loss, params, batch = problem.loss, problem.params, problem.batch
   direction = jax.tree.map(jnp.negative, jax.grad(loss)(params, batch))
 
-  def step(p, full, part):
+  def step(p, full, k):
     value, grad = jax.value_and_grad(loss)(p, full)
     u = jax.tree.map(jnp.negative, grad)
-    return value, _jvp2(lambda q: loss(q, part), p, u)
+    return value, _jvp2(lambda q: loss(q, _rows(full, k)), p, u)
 
   fns = {"grad": (jax.jit(jax.value_and_grad(loss)), (params, batch))}
   for k in (int(x) for x in args.parts.split(",")):
-    part = bench_curvature._sub(batch, k)  # pylint: disable=protected-access
-    fns[f"jvp2 1/{k}"] = (jax.jit(lambda p, b: _jvp2(
-        lambda q: loss(q, b), p, direction)), (params, part))
-    fns[f"step 1/{k}"] = (jax.jit(step), (params, batch, part))
+    fns[f"jvp2 1/{k}"] = (jax.jit(lambda p, b, k=k: _jvp2(
+        lambda q: loss(q, _rows(b, k)), p, direction)), (params, batch))
+    fns[f"step 1/{k}"] = (jax.jit(functools.partial(step, k=k)),
+                          (params, batch))
   times = {name: [] for name in fns}
   for name, (fn, fargs) in fns.items():
     jax.block_until_ready(fn(*fargs))  # compile

@@ -5,7 +5,8 @@ Not collected by the default test run (``testpaths = ["tests"]``). Run with
   python -m pytest bench/test_bench_curvature.py --benchmark-group-by=param:model
 
 Each benchmark times one compiled training step of a variant on a model
-(full batch), the same step functions as ``bench_curvature.py``; compare
+(full batch; ``fashion`` needs Debian's ``dataset-fashion-mnist``), the
+same step functions as ``bench_curvature.py``; compare
 the medians within a group. The variants run one after the other, so slow
 drifts of a shared CPU (±20% seen on 2 cores) enter the ratios; the
 interleaved measurement with final losses, ``python
@@ -28,7 +29,7 @@ def _problem(model):
 
 
 @pytest.mark.parametrize("variant", bench_curvature.VARIANTS)
-@pytest.mark.parametrize("model", ["mlp", "conv", "nanolm"])
+@pytest.mark.parametrize("model", bench_curvature.PROBLEMS)
 def test_step(benchmark, model, variant):
   problem = _problem(model)
   init, step = bench_curvature.make_variant(problem, variant)
