@@ -3,6 +3,7 @@ checkpoints written by cdat-fast 0.1.0."""
 import ast
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,9 +141,12 @@ def _saved_fields(run: Path, *prefix: str) -> set[str]:
 
 
 def _cli_in_fresh_python(*argv: str):
+  # On the CPU: a GPU plugin installed without a GPU (the compile tier's)
+  # makes JAX itself write its failed initialisation to stderr.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
       [sys.executable, "-m", "cdat_fast.harness.cli", *argv],
-      capture_output=True, text=True, timeout=300)
+      capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_the_fixtures_are_unversioned_and_small():
