@@ -12,6 +12,8 @@ Usage::
   python tests/sharding_checks.py kernels       # fused kernels in shard_map
   python tests/sharding_checks.py multiprocess  # 2 processes × 4 devices
   python tests/sharding_checks.py xla_repro     # an XLA:CPU miscompile
+  python tests/sharding_checks.py resume_mesh   # checkpoint data=8, resume
+                                                # on data=2,fsdp=2 / 1 device
   python tests/sharding_checks.py worker ID PORT SPEC...  # (internal)
 """
 from __future__ import annotations
@@ -355,6 +357,82 @@ def check_tuners(shard: int = 0, num_shards: int = 1) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# A checkpoint written under one mesh, resumed under another.
+
+RESUME_FROM = "data=8"
+RESUME_ON = ("data=8", "data=2,fsdp=2", None)  # None: one device
+RESUME_STEPS, RESUME_AT = 6, 3
+
+
+def check_resume_mesh() -> dict:
+  """The harness checkpointed under ``data=8`` and resumed on other meshes.
+
+  A minibatch run (batch 32, CDAT on Adam with an EMA, the sharpness warm
+  start) of ``RESUME_STEPS`` steps, uninterrupted on ``data=8``, against the
+  same run stopped at ``RESUME_AT`` and resumed from its checkpoint on each
+  of ``RESUME_ON``. Reports, per mesh: whether the restored arrays equal the
+  saved ones bit for bit and carry the new mesh's shardings, whether the
+  losses and learning rates equal the uninterrupted run's bit for bit, and
+  their largest relative differences (the steps after the resume reduce in
+  another order on another mesh).
+  """
+  # pylint: disable=g-import-not-at-top
+  import shutil
+  from cdat_fast.harness.checkpoint import Checkpointer
+  from cdat_fast.harness.data import load_dataset
+  from cdat_fast.harness.optimizers import OptimizerConfig
+  from cdat_fast.harness.train import TrainConfig, Trainer
+  dataset = load_dataset("digits", subset=96, seed=0)
+  kw = dict(dataset="digits", subset=96, width=16, depth=1, log_every=3,
+            checkpoint_every=RESUME_AT, batch_size=32, sharpness_every=3,
+            optimizer=OptimizerConfig(base="adam", ema=0.9))
+
+  def run(out, steps, mesh, resume=False):
+    cfg = TrainConfig(**kw, steps=steps, mesh=mesh)
+    return Trainer(cfg, dataset=dataset).run(out, progress=False, echo=None,
+                                             resume=resume)
+
+  def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)))
+
+  out = {"from": RESUME_FROM, "steps": RESUME_STEPS, "at": RESUME_AT}
+  with tempfile.TemporaryDirectory() as tmp:
+    whole = run(f"{tmp}/whole", RESUME_STEPS, RESUME_FROM)
+    part = run(f"{tmp}/part", RESUME_AT, RESUME_FROM)
+    saved = jax.tree.map(np.asarray, part.params)
+    for mesh in RESUME_ON:
+      name = mesh or "one device"
+      shutil.copytree(f"{tmp}/part", f"{tmp}/{name}")
+      trainer = Trainer(TrainConfig(**kw, steps=RESUME_STEPS, mesh=mesh),
+                        dataset=dataset)
+      restored = Checkpointer(f"{tmp}/{name}/checkpoints").restore_latest(
+          trainer.init(), trainer.cfg).carry
+      want = (sharding.param_shardings(saved, trainer.mesh)
+              if trainer.mesh is not None else None)
+      resumed = run(f"{tmp}/{name}", RESUME_STEPS, mesh, resume=True)
+      h, w = resumed.history, whole.history
+      out[name] = {
+          "restored_equal": all(np.array_equal(np.asarray(a), b) for a, b in
+                                zip(jax.tree.leaves(restored[0]),
+                                    jax.tree.leaves(saved))),
+          "restored_shardings": want is None or _same_shardings(restored[0],
+                                                                want),
+          "loss_equal": bool(np.array_equal(h["loss"], w["loss"])),
+          "lr_equal": bool(np.array_equal(h["learning_rate"],
+                                          w["learning_rate"])),
+          "before_equal": bool(np.array_equal(h["loss"][:RESUME_AT],
+                                              w["loss"][:RESUME_AT])),
+          "loss_rel": rel(h["loss"], w["loss"]),
+          "lr_rel": rel(h["learning_rate"], w["learning_rate"]),
+          "params_rel": _tree_rel(jax.tree.map(np.asarray, resumed.params),
+                                  jax.tree.map(np.asarray, whole.params)),
+          "steps": resumed.summary["steps"],
+      }
+  return out
+
+
+# ----------------------------------------------------------------------------
 # An XLA problem found on the way.
 
 
@@ -564,6 +642,8 @@ def main(argv: list[str]) -> None:
     out = check_kernels()
   elif mode == "multiprocess":
     out = check_multiprocess()
+  elif mode == "resume_mesh":
+    out = check_resume_mesh()
   elif mode == "worker":
     out = worker(int(argv[1]), int(argv[2]), argv[3:])
   else:

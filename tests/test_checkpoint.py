@@ -79,6 +79,20 @@ def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path, digits):
                                 resume=True)
 
 
+def test_mesh_is_a_resumable_change():
+  """The arrays are restored with the new mesh's shardings (8 devices:
+  test_sharding.py::test_checkpoint_resumes_on_another_mesh)."""
+  from cdat_fast.harness.checkpoint import config_differences
+  from cdat_fast.harness.config import config_to_dict
+  saved = config_to_dict(TrainConfig(**BASE, mesh="data=8"))
+  for mesh in ("data=2,fsdp=2", None):
+    assert config_differences(saved, config_to_dict(
+        TrainConfig(**BASE, mesh=mesh))) == []
+  assert config_differences(saved, config_to_dict(
+      TrainConfig(**{**BASE, "width": 9}))) == [
+          "width: checkpoint 8, now 9"]
+
+
 def test_resume_without_checkpoint(tmp_path, digits):
   with pytest.raises(CheckpointError, match="no complete checkpoint"):
     Trainer(TrainConfig(**BASE, steps=3), dataset=digits).run(

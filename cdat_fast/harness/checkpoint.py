@@ -11,8 +11,12 @@ history so far. The JSON file is written last, so a checkpoint without it is
 incomplete and ignored. The two newest checkpoints are kept.
 
 Resuming requires the configuration the checkpoint was written with, except
-for ``steps`` and ``checkpoint_every``; anything else differing is reported by
-name (:class:`CheckpointError`). A checkpoint whose arrays do not fit the
+for ``steps``, ``checkpoint_every`` and ``mesh``; anything else differing is
+reported by name (:class:`CheckpointError`). The arrays are restored with the
+shardings of the resuming run's own state, so a run checkpointed under one
+mesh (or one device) resumes under another; its losses then agree with the
+uninterrupted run's to float32 rounding (the new mesh reduces in another
+order), bit for bit only on the same mesh. A checkpoint whose arrays do not fit the
 current run's state (an optimizer or tuner state whose fields changed) is
 reported in one line, naming the version that wrote it when it differs from
 the running one.
@@ -31,7 +35,7 @@ import numpy as np
 import cdat_fast
 from cdat_fast.harness.config import config_from_dict, config_to_dict
 
-RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "mesh")
 # Written by cdat-fast 0.1.0, whose checkpoints do not record a version.
 UNVERSIONED = "0.1.0"
 

@@ -264,7 +264,14 @@ class Trainer:
     else:
       state = self.optimizer.init(params)
     prev_u = optax.tree.zeros_like(params) if cfg.track_alignment else ()
-    carry = (params, state, prev_u, jnp.zeros([], jnp.int32))
+    step = jnp.zeros([], jnp.int32)
+    if self.mesh is not None:
+      # Replicated on the mesh: a resume restores every array with its
+      # target's sharding, and a counter committed to one device cannot
+      # enter the chunk beside the mesh's arrays.
+      from cdat_fast.sharding import replicate
+      step = replicate(step, self.mesh)
+    carry = (params, state, prev_u, step)
     # Fresh buffers: the carry is donated, and init may share constants.
     return jax.tree.map(lambda x: jnp.array(x, copy=True), carry)
 
@@ -276,7 +283,10 @@ class Trainer:
     With ``resume``, the latest checkpoint in ``out_dir/checkpoints`` is
     restored (parameters, optimizer and tuner state, step, data order,
     sharpness warm start, metrics so far) and training continues to
-    ``cfg.steps``; the result is bit-identical to an uninterrupted run.
+    ``cfg.steps``; the result is bit-identical to an uninterrupted run on
+    the same mesh. ``cfg.mesh`` may differ from the checkpoint's: the arrays
+    are restored with this run's shardings and the losses then agree to
+    float32 rounding.
     """
     cfg = self.cfg
     run = self._fresh_progress()
