@@ -28,27 +28,33 @@ Supported activations (derivatives in closed form, :math:`s = \\sigma(x)`,
   :math:`c' = \\tfrac12 (1 - t^2) u'` and
   :math:`c'' = \\tfrac12 (1 - t^2) (u'' - 2 t u'^2)`.
 
-The array is flattened and viewed as ``(rows, 128)``; rows are tiled by a
-power-of-two ``block_rows`` and zero-padded to a multiple of it.
+The array is flattened and viewed as ``(rows, 128)``; rows are tiled by
+``block_rows`` and zero-padded to a multiple of it: a power of two (64 by
+default) for Triton and the interpreter, a multiple of Mosaic's 8 (16 for
+16-bit types) sublanes (512 by default) for TPU (:mod:`.lowering` keeps the
+version of the platform lowered for).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from .lowering import compiler_params as _compiler_params
-from .lowering import default_interpret as _default_interpret
+from . import lowering
 from .lowering import next_power_of_2 as _next_power_of_2
+from .lowering import round_up as _round_up
 
 __all__ = ["ACTIVATIONS", "activation_jet", "activation_jet_reference"]
 
 _LANES = 128
+# Default rows of 128 per tile: Triton/interpreter, TPU (6 buffers of
+# 256 KiB in float32, double-buffered: 3 MiB of VMEM).
+_BLOCK_ROWS = {lowering.TRITON: 64, lowering.TPU: 512}
 _GELU_A = 0.044715
 _GELU_K = math.sqrt(2.0 / math.pi)
 
@@ -103,8 +109,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 class _Config(NamedTuple):
   activation: str
-  block_rows: int
-  interpret: bool
+  block_rows: int | None
+  interpret: Any
   num_warps: int | None
 
 
@@ -133,13 +139,20 @@ def _activation_jet_kernel(*refs, activation, has_ddx):
   ddy_ref[...] = ddy.astype(ddy_ref.dtype)
 
 
-def _activation_jet_pallas(config: _Config, x, dx, ddx):
+def _tile_rows(config: _Config, target, rows: int, dtype) -> int:
+  """Rows of 128 elements per tile for ``target``."""
+  block_rows = config.block_rows or _BLOCK_ROWS[target.kind]
+  if target.kind == lowering.TPU:
+    sub = lowering.sublanes(dtype)
+    return min(_round_up(block_rows, sub), _round_up(rows, sub))
+  return min(block_rows, _next_power_of_2(rows))
+
+
+def _activation_jet_pallas(config: _Config, target, x, dx, ddx):
   shape, dtype, size = x.shape, x.dtype, x.size
-  if size == 0:
-    return activation_jet_reference(x, dx, ddx, activation=config.activation)
   rows = -(-size // _LANES)
-  block_rows = min(config.block_rows, _next_power_of_2(rows))
-  rows_p = -(-rows // block_rows) * block_rows
+  block_rows = _tile_rows(config, target, rows, dtype)
+  rows_p = _round_up(rows, block_rows)
 
   def tile(a):
     a = a.reshape(-1)
@@ -159,8 +172,10 @@ def _activation_jet_pallas(config: _Config, x, dx, ddx):
       grid=(rows_p // block_rows,),
       in_specs=[spec] * len(args),
       out_specs=[spec] * 3,
-      interpret=config.interpret,
-      compiler_params=_compiler_params(config.interpret, config.num_warps),
+      interpret=target.interpret,
+      compiler_params=lowering.compiler_params(
+          target, num_warps=config.num_warps,
+          dimension_semantics=("parallel",)),
       name=f"activation_jet_{config.activation}",
   )(*args)
   return tuple(o.reshape(-1)[:size].reshape(shape) for o in outs)
@@ -168,7 +183,12 @@ def _activation_jet_pallas(config: _Config, x, dx, ddx):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _activation_jet_call(config, x, dx, ddx):
-  return _activation_jet_pallas(config, x, dx, ddx)
+  if x.size == 0:
+    return activation_jet_reference(x, dx, ddx, activation=config.activation)
+  return lowering.per_platform(
+      lambda target: functools.partial(_activation_jet_pallas, config, target),
+      config.interpret, x, dx, ddx,
+      name=f"activation_jet_{config.activation}")
 
 
 @_activation_jet_call.defjvp
@@ -201,8 +221,8 @@ def activation_jet(
     ddx: jax.Array | None = None,
     *,
     activation: str,
-    interpret: bool | None = None,
-    block_rows: int = 64,
+    interpret: Any = None,
+    block_rows: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Fused second-order jet of an elementwise activation.
@@ -218,20 +238,23 @@ def activation_jet(
     ddx: second-order tangent, same shape, or None for zero.
     activation: one of ``"relu"``, ``"gelu"`` (tanh approximation),
       ``"tanh"``, ``"silu"``.
-    interpret: Pallas interpret mode; None means interpret on CPU only.
-    block_rows: rows of 128 elements per tile, a power of two.
+    interpret: None (default): Pallas' interpreter on CPU, compiled for the
+      GPU or TPU lowered for; True/False: interpret/compile everywhere; a
+      ``pallas.tpu.InterpretParams``: the TPU version, interpreted.
+    block_rows: rows of 128 elements per tile, a power of two (None: 64;
+      the TPU version rounds it up to Mosaic's sublanes, None: 512).
     num_warps: Triton warps per tile on GPU (None: the lowering's default).
 
   Returns:
     ``(y, dy, ddy)`` with the shape and (common) dtype of the inputs.
   """
   _check_activation(activation)
-  if block_rows & (block_rows - 1):
+  if block_rows is not None and (block_rows < 1 or
+                                 block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two, got {block_rows}")
   x, dx, ddx = _promote(x, dx, ddx)
-  if interpret is None:
-    interpret = _default_interpret()
-  config = _Config(activation, block_rows, bool(interpret), num_warps)
+  config = _Config(activation, block_rows, lowering.check_interpret(interpret),
+                   num_warps)
   return _activation_jet_call(config, x, dx, ddx)
 
 

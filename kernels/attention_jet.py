@@ -54,21 +54,26 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from .lowering import compiler_params as _compiler_params
-from .lowering import default_interpret as _default_interpret
+from . import lowering
 from .lowering import next_power_of_2 as _next_power_of_2
+from .lowering import round_up as _round_up
 
 __all__ = ["attention_jet", "attention_jet_reference"]
 
 _NEG = -1e30  # Masked logits: finite, so no inf - inf.
 NAMES = ("q", "k", "v", "dq", "dk", "dv", "ddq", "ddk", "ddv")
+# Bytes of one key block (block_k × padded width × itemsize) that keep the
+# compiled Triton kernel within an H100's shared memory with 64 queries per
+# tile: its pipelined loads of the six key/value inputs take about 15 such
+# blocks in float32 (measured: 64 keys of width 64 in float32 ask 240 KiB).
+_KEY_TILE_BYTES = 8192
 
 
 class _Config(NamedTuple):
@@ -76,7 +81,7 @@ class _Config(NamedTuple):
   causal: bool
   block_q: int
   block_k: int
-  interpret: bool
+  interpret: Any
   num_warps: int | None
   precision: lax.PrecisionLike
 
@@ -181,24 +186,39 @@ def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
   ddo_ref[...] = ddo.astype(ddo_ref.dtype)
 
 
-def _attention_jet_pallas(config: _Config, *args):
+def _tiles(config: _Config, target, t, s, d, d_v, itemsize):
+  """(block_q, block_k, padded D, padded D_v) for ``target``.
+
+  Triton's dot needs every dimension of a tile >= 16; interpret mode takes
+  any size, so the CPU tests also run small tiles. Compiled for a GPU, the
+  tiles shrink until Triton's shared memory fits (H100: 227 KiB per block):
+  ``block_k × width × itemsize`` at most ``_KEY_TILE_BYTES`` for the
+  default 64 queries, fewer queries where 16 keys are still more
+  (``tests/accel`` compiles every dtype and head dimension for an H100).
+  """
+  low = 1 if target.interpret is True else 16
+  block_q = max(low, min(config.block_q, _next_power_of_2(t)))
+  block_k = max(low, min(config.block_k, _next_power_of_2(s)))
+  d_p = max(low, _next_power_of_2(d))
+  dv_p = max(low, _next_power_of_2(d_v))
+  if target.kind == lowering.TRITON and target.interpret is False:
+    width = max(d_p, dv_p) * itemsize
+    while block_k > low and block_k * width > _KEY_TILE_BYTES:
+      block_k //= 2
+    while block_q > low and block_q * block_k * width > 64 * _KEY_TILE_BYTES:
+      block_q //= 2
+  return block_q, block_k, d_p, dv_p
+
+
+def _attention_jet_pallas(config: _Config, target, *args):
   q, k, v = args[:3]
   *lead, t, d = q.shape
   s, d_v = k.shape[-2], v.shape[-1]
   heads = math.prod(lead)
-  if heads == 0 or t == 0 or s == 0:
-    return attention_jet_reference(*args, scale=config.scale,
-                                   causal=config.causal,
-                                   precision=config.precision)
-  # Triton's dot needs every dimension of a tile >= 16; interpret mode
-  # takes any size, so the CPU tests also run small tiles.
-  low = 1 if config.interpret else 16
-  block_q = max(low, min(config.block_q, _next_power_of_2(t)))
-  block_k = max(low, min(config.block_k, _next_power_of_2(s)))
-  t_p = -(-t // block_q) * block_q
-  s_p = -(-s // block_k) * block_k
-  d_p = max(low, _next_power_of_2(d))
-  dv_p = max(low, _next_power_of_2(d_v))
+  block_q, block_k, d_p, dv_p = _tiles(config, target, t, s, d, d_v,
+                                       jnp.dtype(q.dtype).itemsize)
+  t_p = _round_up(t, block_q)
+  s_p = _round_up(s, block_k)
 
   def pad(a, length, width):
     a = a.reshape(heads, a.shape[-2], a.shape[-1])
@@ -230,8 +250,10 @@ def _attention_jet_pallas(config: _Config, *args):
       grid=(heads, t_p // block_q),
       in_specs=specs,
       out_specs=[o_spec] * 3,
-      interpret=config.interpret,
-      compiler_params=_compiler_params(config.interpret, num_warps),
+      interpret=target.interpret,
+      compiler_params=lowering.compiler_params(
+          target, num_warps=num_warps,
+          dimension_semantics=("parallel", "parallel")),
       name="attention_jet",
   )(*padded)
   return tuple(o[:, :t, :d_v].reshape(*lead, t, d_v) for o in outs)
@@ -277,7 +299,13 @@ def _resolve(q, scale, causal, s):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _attention_jet_call(config, *args):
-  return _attention_jet_pallas(config, *args)
+  if any(a.size == 0 for a in args[:3]):
+    return attention_jet_reference(*args, scale=config.scale,
+                                   causal=config.causal,
+                                   precision=config.precision)
+  return lowering.per_platform(
+      lambda target: functools.partial(_attention_jet_pallas, config, target),
+      config.interpret, *args, name="attention_jet")
 
 
 @_attention_jet_call.defjvp
@@ -299,7 +327,7 @@ def attention_jet(
     *,
     scale: float | None = None,
     causal: bool = False,
-    interpret: bool | None = None,
+    interpret: Any = None,
     block_q: int = 64,
     block_k: int = 64,
     num_warps: int | None = None,
@@ -331,10 +359,8 @@ def attention_jet(
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value < 1 or value & (value - 1):
       raise ValueError(f"{name} must be a power of two, got {value}")
-  if interpret is None:
-    interpret = _default_interpret()
-  config = _Config(scale, bool(causal), block_q, block_k, bool(interpret),
-                   num_warps, precision)
+  config = _Config(scale, bool(causal), block_q, block_k,
+                   lowering.check_interpret(interpret), num_warps, precision)
   return _attention_jet_call(config, *args)
 
 

@@ -18,27 +18,39 @@ block of :math:`x, \\dot x, \\ddot x, W, \\dot W` once per contraction step and
 accumulates the three outputs in float32.
 
 Sizes that do not divide the block sizes are zero-padded (the padding adds
-nothing to the contraction and is sliced off the outputs); all block sizes are
-powers of two, as the GPU (Triton) lowering requires. Leading batch dimensions
-of ``x`` are flattened into rows.
+nothing to the contraction and is sliced off the outputs). Leading batch
+dimensions of ``x`` are flattened into rows. Two versions are built and the
+one for the platform lowered for is kept (:mod:`.lowering`): with
+power-of-two blocks, the contraction looped inside the kernel (Triton on GPU,
+and the interpreter on CPU), and for Mosaic TPU with blocks whose last two
+dimensions are multiples of (8 or 16, 128) and the contraction as the
+innermost, sequential grid axis accumulating into VMEM.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from .lowering import compiler_params as _compiler_params
-from .lowering import default_interpret as _default_interpret
+from . import lowering
 from .lowering import next_power_of_2 as _next_power_of_2
+from .lowering import round_up as _round_up
 
 __all__ = ["dense_jet", "dense_jet_reference"]
+
+# The TPU version's (rows, columns, contraction) blocks: MXU-sized, about
+# 7 MiB of VMEM in float32 with double buffering (v5e's default scoped
+# VMEM is 16 MiB).
+_TPU_BLOCKS = (256, 256, 512)
+# Inputs tiled by rows and the contraction (the rest by contraction and
+# columns, or by columns for the biases).
+_LHS = ("x", "dx", "ddx")
 
 
 class _Config(NamedTuple):
@@ -46,17 +58,10 @@ class _Config(NamedTuple):
   block_m: int
   block_n: int
   block_k: int
-  interpret: bool
+  interpret: Any
   num_warps: int | None
   num_stages: int | None
   precision: lax.PrecisionLike
-
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
 
 
 def _block(size: int, block: int, minimum: int = 16) -> int:
@@ -73,85 +78,139 @@ def _pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
   return jnp.pad(a, ((0, pr), (0, pc)))
 
 
-def _dense_jet_kernel(*refs, names, out_names, block_k, num_k, precision):
-  """Kernel body: one (block_m, block_n) tile of y, dy, ddy.
+def _accumulate(acc, load, has, dot):
+  """Adds one contraction step's products to ``acc = (y, dy, ddy)``."""
+  acc_y, acc_dy, acc_ddy = acc
+  x = load("x")
+  w = load("w")
+  acc_y += dot(x, w)
+  if has("dx"):
+    dx = load("dx")
+    acc_dy += dot(dx, w)
+  if has("dw"):
+    dw = load("dw")
+    acc_dy += dot(x, dw)
+  if has("ddx"):
+    acc_ddy += dot(load("ddx"), w)
+  if has("dx") and has("dw"):
+    acc_ddy += 2.0 * dot(dx, dw)
+  return acc_y, acc_dy, acc_ddy
 
-  ``refs`` are the input refs named by ``names`` (lhs blocks ``(block_m, K)``,
-  rhs blocks ``(K, block_n)``, bias blocks ``(1, block_n)``) followed by the
-  output refs named by ``out_names``.
-  """
-  r = dict(zip(names + out_names, refs))
-  has = r.__contains__
-  dot = functools.partial(
-      jnp.dot, preferred_element_type=jnp.float32, precision=precision)
-  bm, bn = r["y"].shape
 
-  def body(k, acc):
-    acc_y, acc_dy, acc_ddy = acc
-    ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-    x = r["x"][:, ks]
-    w = r["w"][ks, :]
-    acc_y += dot(x, w)
-    if has("dx"):
-      dx = r["dx"][:, ks]
-      acc_dy += dot(dx, w)
-    if has("dw"):
-      dw = r["dw"][ks, :]
-      acc_dy += dot(x, dw)
-    if has("ddx"):
-      acc_ddy += dot(r["ddx"][:, ks], w)
-    if has("dx") and has("dw"):
-      acc_ddy += 2.0 * dot(dx, dw)
-    return acc_y, acc_dy, acc_ddy
-
-  zeros = jnp.zeros((bm, bn), jnp.float32)
-  acc_y, acc_dy, acc_ddy = lax.fori_loop(0, num_k, body, (zeros, zeros, zeros))
-  if has("b"):
+def _store(r, acc):
+  """Adds the biases to the float32 sums and writes the present outputs."""
+  acc_y, acc_dy, acc_ddy = acc
+  if "b" in r:
     acc_y += r["b"][...].astype(jnp.float32)
   r["y"][...] = acc_y.astype(r["y"].dtype)
-  if has("dy"):
-    if has("db"):
+  if "dy" in r:
+    if "db" in r:
       acc_dy += r["db"][...].astype(jnp.float32)
     r["dy"][...] = acc_dy.astype(r["dy"].dtype)
-  if has("ddy"):
+  if "ddy" in r:
     r["ddy"][...] = acc_ddy.astype(r["ddy"].dtype)
 
 
-def _dense_jet_pallas(config: _Config, x, w, b, dx, dw, db, ddx):
-  """Flattens, pads, runs the kernel and un-pads. Inputs share one dtype."""
+def _dot(precision):
+  return functools.partial(
+      jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dense_jet_kernel(*refs, names, out_names, block_k, num_k, precision):
+  """Triton/interpreter body: one (block_m, block_n) tile of y, dy, ddy.
+
+  ``refs`` are the input refs named by ``names`` (lhs blocks ``(block_m, K)``,
+  rhs blocks ``(K, block_n)``, bias blocks ``(1, block_n)``) followed by the
+  output refs named by ``out_names``; the contraction is looped here.
+  """
+  r = dict(zip(names + out_names, refs))
+  bm, bn = r["y"].shape
+
+  def body(k, acc):
+    ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+
+    def load(name):
+      return r[name][:, ks] if name in _LHS else r[name][ks, :]
+
+    return _accumulate(acc, load, r.__contains__, _dot(precision))
+
+  zeros = jnp.zeros((bm, bn), jnp.float32)
+  _store(r, lax.fori_loop(0, num_k, body, (zeros, zeros, zeros)))
+
+
+def _dense_jet_tpu_kernel(*refs, names, out_names, precision):
+  """Mosaic TPU body: one contraction step of a (block_m, block_n) tile.
+
+  ``refs``: the input blocks (lhs ``(block_m, block_k)``, rhs
+  ``(block_k, block_n)``, biases ``(1, block_n)``), the outputs, then one
+  float32 VMEM accumulator per output. The contraction is grid axis 2.
+  """
+  count = len(names) + len(out_names)
+  r = dict(zip(names + out_names, refs[:count]))
+  acc_refs = dict(zip(out_names, refs[count:]))
+  step = pl.program_id(2)
+
+  @pl.when(step == 0)
+  def _():
+    for a in acc_refs.values():
+      a[...] = jnp.zeros(a.shape, a.dtype)
+
+  acc = tuple(acc_refs[o][...] if o in acc_refs else 0.0
+              for o in ("y", "dy", "ddy"))
+  acc = _accumulate(acc, lambda name: r[name][...], r.__contains__,
+                    _dot(precision))
+  for o, value in zip(("y", "dy", "ddy"), acc):
+    if o in acc_refs:
+      acc_refs[o][...] = value
+
+  @pl.when(step == pl.num_programs(2) - 1)
+  def _():
+    _store(r, tuple(acc_refs[o][...] if o in acc_refs else None
+                    for o in ("y", "dy", "ddy")))
+
+
+def _blocks(config: _Config, target, m_dim, k_dim, n_dim, dtype):
+  """(block_m, block_n, block_k) for ``target``."""
+  if target.kind == lowering.TPU:
+    bm, bn, bk = _TPU_BLOCKS
+    return (min(bm, _round_up(m_dim, lowering.sublanes(dtype))),
+            min(bn, _round_up(n_dim, 128)), min(bk, _round_up(k_dim, 128)))
+  return (_block(m_dim, config.block_m), _block(n_dim, config.block_n),
+          _block(k_dim, config.block_k))
+
+
+def _specs(target, bm, bn, bk, kp):
+  """BlockSpecs of lhs, rhs, bias and output blocks, and the grid's rank."""
+  if target.kind == lowering.TPU:  # Grid (rows, columns, contraction).
+    return (pl.BlockSpec((bm, bk), lambda i, j, k: (i, k)),
+            pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
+            pl.BlockSpec((1, bn), lambda i, j, k: (0, j)),
+            pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)))
+  return (pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+          pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
+          pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+          pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
+
+
+def _dense_jet_pallas(config: _Config, target, x, w, b, dx, dw, db, ddx):
+  """Flattens, pads, runs the kernel for ``target`` and un-pads."""
   k_dim, n_dim = w.shape
   batch_shape = x.shape[:-1]
   m_dim = math.prod(batch_shape)
   dtype = x.dtype
-  if m_dim == 0 or k_dim == 0 or n_dim == 0:
-    return dense_jet_reference(x, w, b, dx, dw, db, ddx,
-                               precision=config.precision)
-
-  bm = _block(m_dim, config.block_m)
-  bn = _block(n_dim, config.block_n)
-  bk = _block(k_dim, config.block_k)
+  bm, bn, bk = _blocks(config, target, m_dim, k_dim, n_dim, dtype)
   mp, np_, kp = _round_up(m_dim, bm), _round_up(n_dim, bn), _round_up(k_dim, bk)
-
-  def lhs(a):  # (..., K) -> (mp, kp)
-    return _pad2(a.reshape(m_dim, k_dim), mp, kp)
-
-  def rhs(a):  # (K, N) -> (kp, np_)
-    return _pad2(a, kp, np_)
-
-  def vec(a):  # (N,) -> (1, np_)
-    return _pad2(a.reshape(1, n_dim), 1, np_)
-
-  lhs_spec = pl.BlockSpec((bm, kp), lambda i, j: (i, 0))
-  rhs_spec = pl.BlockSpec((kp, bn), lambda i, j: (0, j))
-  vec_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
-  out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
-
-  names, args, specs = ["x", "w"], [lhs(x), rhs(w)], [lhs_spec, rhs_spec]
-  for name, value, fmt, spec in (
-      ("dx", dx, lhs, lhs_spec), ("dw", dw, rhs, rhs_spec),
-      ("ddx", ddx, lhs, lhs_spec), ("b", b, vec, vec_spec),
-      ("db", db, vec, vec_spec)):
+  lhs_spec, rhs_spec, vec_spec, out_spec = _specs(target, bm, bn, bk, kp)
+  formats = {  # name -> (padded operand, its BlockSpec)
+      "lhs": (lambda a: _pad2(a.reshape(m_dim, k_dim), mp, kp), lhs_spec),
+      "rhs": (lambda a: _pad2(a, kp, np_), rhs_spec),
+      "vec": (lambda a: _pad2(a.reshape(1, n_dim), 1, np_), vec_spec)}
+  names, args, specs = [], [], []
+  for name, value, kind in (
+      ("x", x, "lhs"), ("w", w, "rhs"), ("dx", dx, "lhs"), ("dw", dw, "rhs"),
+      ("ddx", ddx, "lhs"), ("b", b, "vec"), ("db", db, "vec")):
     if value is not None:
+      fmt, spec = formats[kind]
       names.append(name)
       args.append(fmt(value))
       specs.append(spec)
@@ -160,20 +219,24 @@ def _dense_jet_pallas(config: _Config, x, w, b, dx, dw, db, ddx):
   has_ddy = ddx is not None or (dx is not None and dw is not None)
   out_names = ["y"] + (["dy"] if has_dy else []) + (["ddy"] if has_ddy else [])
   out_shape = [jax.ShapeDtypeStruct((mp, np_), dtype) for _ in out_names]
-
-  kernel = functools.partial(
-      _dense_jet_kernel, names=tuple(names), out_names=tuple(out_names),
-      block_k=bk, num_k=kp // bk, precision=config.precision)
+  static = dict(names=tuple(names), out_names=tuple(out_names),
+                precision=config.precision)
+  if target.kind == lowering.TPU:
+    kernel = functools.partial(_dense_jet_tpu_kernel, **static)
+    grid = (mp // bm, np_ // bn, kp // bk)
+    scratch = [lowering.tpu_vmem((bm, bn), jnp.float32) for _ in out_names]
+    params = lowering.compiler_params(
+        target, dimension_semantics=("parallel", "parallel", "arbitrary"))
+  else:
+    kernel = functools.partial(_dense_jet_kernel, block_k=bk, num_k=kp // bk,
+                               **static)
+    grid, scratch = (mp // bm, np_ // bn), ()
+    params = lowering.compiler_params(
+        target, num_warps=config.num_warps, num_stages=config.num_stages)
   outs = pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=(mp // bm, np_ // bn),
-      in_specs=specs,
-      out_specs=[out_spec] * len(out_names),
-      interpret=config.interpret,
-      compiler_params=_compiler_params(
-          config.interpret, config.num_warps, config.num_stages),
-      name="dense_jet",
+      kernel, out_shape=out_shape, grid=grid, in_specs=specs,
+      out_specs=[out_spec] * len(out_names), scratch_shapes=scratch,
+      interpret=target.interpret, compiler_params=params, name="dense_jet",
   )(*args)
 
   out = dict(zip(out_names, outs))
@@ -209,7 +272,12 @@ def _check_and_promote(x, w, b, dx, dw, db, ddx):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _dense_jet_call(config, x, w, b, dx, dw, db, ddx):
-  return _dense_jet_pallas(config, x, w, b, dx, dw, db, ddx)
+  if x.size == 0 or w.size == 0:
+    return dense_jet_reference(x, w, b, dx, dw, db, ddx,
+                               precision=config.precision)
+  return lowering.per_platform(
+      lambda target: functools.partial(_dense_jet_pallas, config, target),
+      config.interpret, x, w, b, dx, dw, db, ddx, name="dense_jet")
 
 
 @_dense_jet_call.defjvp
@@ -233,7 +301,7 @@ def dense_jet(
     db: jax.Array | None,
     ddx: jax.Array | None,
     *,
-    interpret: bool | None = None,
+    interpret: Any = None,
     block_m: int = 64,
     block_n: int = 64,
     block_k: int = 32,
@@ -257,11 +325,14 @@ def dense_jet(
     dw: first-order tangent of ``w`` or None for zero.
     db: first-order tangent of ``b`` or None for zero.
     ddx: second-order tangent of ``x`` or None for zero.
-    interpret: run the kernel in Pallas interpret mode; None means interpret
-      on CPU and compile elsewhere.
-    block_m: rows (tokens) per tile, a power of two.
-    block_n: output columns per tile, a power of two.
-    block_k: contraction step, a power of two.
+    interpret: None (default): Pallas' interpreter on CPU, compiled for the
+      GPU or TPU lowered for; True: the interpreter everywhere; False:
+      compile everywhere; a ``pallas.tpu.InterpretParams``: the TPU version
+      under the TPU interpreter (see :mod:`cdat_fast.kernels.lowering`).
+    block_m: rows (tokens) per tile, a power of two (Triton and interpreter;
+      the TPU version takes Mosaic-friendly tiles of its own).
+    block_n: output columns per tile, a power of two (likewise).
+    block_k: contraction step, a power of two (likewise).
     num_warps: Triton warps per tile on GPU (None: the lowering's default).
     num_stages: Triton software-pipelining stages on GPU (None: default).
     precision: matmul precision passed to every ``jnp.dot`` in the kernel.
@@ -271,10 +342,9 @@ def dense_jet(
     inputs (accumulated in float32).
   """
   x, w, b, dx, dw, db, ddx = _check_and_promote(x, w, b, dx, dw, db, ddx)
-  if interpret is None:
-    interpret = _default_interpret()
-  config = _Config(block_m, block_n, block_k, bool(interpret), num_warps,
-                   num_stages, precision)
+  config = _Config(block_m, block_n, block_k,
+                   lowering.check_interpret(interpret), num_warps, num_stages,
+                   precision)
   return _dense_jet_call(config, x, w, b, dx, dw, db, ddx)
 
 

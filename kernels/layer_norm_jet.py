@@ -31,36 +31,42 @@ the second-order term bilinearly, through :math:`2 \\dot{\\hat x} \\dot\\gamma`;
 the bias only at first order.
 
 The kernel's grid runs over blocks of rows; each tile holds whole rows (the
-feature axis zero-padded to a power of two and masked out of the statistics),
-reads :math:`x, \\dot x, \\ddot x` once and writes :math:`y, \\dot y, \\ddot y`
+feature axis zero-padded and masked out of the statistics), reads
+:math:`x, \\dot x, \\ddot x` once and writes :math:`y, \\dot y, \\ddot y`
 once, computing in float32. Statistics are two-pass (mean, then centred
-variance).
+variance). The Triton and interpreter version pads the features to a power
+of two and takes power-of-two row blocks; the Mosaic TPU version pads them
+to a multiple of 128 lanes and takes row blocks that are multiples of 8 (16
+for 16-bit types) sublanes (:mod:`.lowering` keeps the version of the
+platform lowered for).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from .lowering import compiler_params as _compiler_params
-from .lowering import default_interpret as _default_interpret
+from . import lowering
 from .lowering import next_power_of_2 as _next_power_of_2
+from .lowering import round_up as _round_up
 
 __all__ = ["layer_norm_jet", "layer_norm_jet_reference"]
 
-# Elements per tile that keep a GPU tile's registers in check.
-_TILE_ELEMENTS = 4096
+# Elements per tile: a GPU tile's registers (Triton, interpreter); a TPU
+# tile's VMEM (6 blocks of 256 KiB in float32, double-buffered, and the
+# kernel's float32 temporaries).
+_TILE_ELEMENTS = {lowering.TRITON: 4096, lowering.TPU: 65536}
 
 
 class _Config(NamedTuple):
   epsilon: float
   block_rows: int | None
-  interpret: bool
+  interpret: Any
   num_warps: int | None
 
 
@@ -121,20 +127,28 @@ def _layer_norm_jet_kernel(*refs, names, n, epsilon):
   r["ddy"][...] = ddy.astype(r["ddy"].dtype)
 
 
-def _layer_norm_jet_pallas(config: _Config, x, scale, bias, dx, dscale, dbias,
-                           ddx):
+def _tiles(config: _Config, target, rows: int, n: int, dtype):
+  """(rows per block, padded feature width) for ``target``."""
+  block_rows = config.block_rows
+  if target.kind == lowering.TPU:
+    sub = lowering.sublanes(dtype)
+    n_p = _round_up(n, 128)
+    if block_rows is None:
+      block_rows = max(sub, _TILE_ELEMENTS[target.kind] // n_p // sub * sub)
+    return min(_round_up(block_rows, sub), _round_up(rows, sub)), n_p
+  n_p = _next_power_of_2(n)
+  if block_rows is None:
+    block_rows = max(1, _TILE_ELEMENTS[target.kind] // n_p)
+  return min(block_rows, _next_power_of_2(rows)), n_p
+
+
+def _layer_norm_jet_pallas(config: _Config, target, x, scale, bias, dx,
+                           dscale, dbias, ddx):
   shape, dtype = x.shape, x.dtype
   n = shape[-1]
-  rows = x.size // n if n else 0
-  if rows == 0 or n == 0:
-    return layer_norm_jet_reference(x, scale, bias, dx, dscale, dbias, ddx,
-                                    epsilon=config.epsilon)
-  n_p = _next_power_of_2(n)
-  block_rows = config.block_rows
-  if block_rows is None:
-    block_rows = max(1, _TILE_ELEMENTS // n_p)
-  block_rows = min(block_rows, _next_power_of_2(rows))
-  rows_p = -(-rows // block_rows) * block_rows
+  rows = x.size // n
+  block_rows, n_p = _tiles(config, target, rows, n, dtype)
+  rows_p = _round_up(rows, block_rows)
 
   def as_rows(a):
     a = a.reshape(rows, n)
@@ -171,8 +185,9 @@ def _layer_norm_jet_pallas(config: _Config, x, scale, bias, dx, dscale, dbias,
       grid=(rows_p // block_rows,),
       in_specs=specs,
       out_specs=[row_spec] * 3,
-      interpret=config.interpret,
-      compiler_params=_compiler_params(config.interpret, num_warps),
+      interpret=target.interpret,
+      compiler_params=lowering.compiler_params(
+          target, num_warps=num_warps, dimension_semantics=("parallel",)),
       name="layer_norm_jet",
   )(*args)
   return tuple(o[:rows, :n].reshape(shape) for o in outs)
@@ -200,7 +215,13 @@ def _check_and_promote(x, scale, bias, dx, dscale, dbias, ddx):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _layer_norm_jet_call(config, x, scale, bias, dx, dscale, dbias, ddx):
-  return _layer_norm_jet_pallas(config, x, scale, bias, dx, dscale, dbias, ddx)
+  if x.size == 0:
+    return layer_norm_jet_reference(x, scale, bias, dx, dscale, dbias, ddx,
+                                    epsilon=config.epsilon)
+  return lowering.per_platform(
+      lambda target: functools.partial(_layer_norm_jet_pallas, config, target),
+      config.interpret, x, scale, bias, dx, dscale, dbias, ddx,
+      name="layer_norm_jet")
 
 
 @_layer_norm_jet_call.defjvp
@@ -223,7 +244,7 @@ def layer_norm_jet(
     ddx: jax.Array | None,
     *,
     epsilon: float = 1e-6,
-    interpret: bool | None = None,
+    interpret: Any = None,
     block_rows: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -240,9 +261,12 @@ def layer_norm_jet(
     dbias: first-order tangent of ``bias`` or None for zero.
     ddx: second-order tangent of ``x`` or None for zero.
     epsilon: added to the variance (flax's default is ``1e-6``).
-    interpret: Pallas interpret mode; None means interpret on CPU only.
+    interpret: None (default): Pallas' interpreter on CPU, compiled for the
+      GPU or TPU lowered for; True/False: interpret/compile everywhere; a
+      ``pallas.tpu.InterpretParams``: the TPU version, interpreted.
     block_rows: rows per tile, a power of two (None: about 4096 elements per
-      tile).
+      tile; the TPU version rounds it up to Mosaic's sublanes, None: about
+      65536 elements).
     num_warps: Triton warps per tile on GPU (None: from the tile size).
 
   Returns:
@@ -252,9 +276,8 @@ def layer_norm_jet(
                                  block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two, got {block_rows}")
   args = _check_and_promote(x, scale, bias, dx, dscale, dbias, ddx)
-  if interpret is None:
-    interpret = _default_interpret()
-  config = _Config(float(epsilon), block_rows, bool(interpret), num_warps)
+  config = _Config(float(epsilon), block_rows,
+                   lowering.check_interpret(interpret), num_warps)
   return _layer_norm_jet_call(config, *args)
 
 
