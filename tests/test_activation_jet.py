@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 import pytest
 
@@ -79,3 +80,24 @@ def test_rejects_unknown_activation():
   x, dx, ddx = _inputs(5)
   with pytest.raises(ValueError, match="activation"):
     activation_jet(x, dx, ddx, activation="softplus", interpret=True)
+
+
+@pytest.mark.parametrize("platform, calls", [("cpu", 0), ("cuda", 1),
+                                             ("tpu", 1)])
+def test_lowered_for_the_platform_lowered_for(platform, calls, kernel_calls):
+  fn = lambda *a: activation_jet(*a, activation="gelu")
+  assert kernel_calls(fn, *_inputs(6), platform=platform) == calls
+
+
+@pytest.mark.parametrize("dtype, block_rows", [(jnp.float32, None),
+                                               (jnp.bfloat16, 8)])
+def test_tpu_version_matches_reference(dtype, block_rows):
+  # Mosaic TPU's tiles (rows a multiple of 8, 16 in bf16) under Pallas' TPU
+  # interpreter; block_rows=8 becomes 16 in bf16: two tiles, one padded.
+  x, dx, ddx = _inputs(7, dtype)
+  out = activation_jet(x, dx, ddx, activation="tanh", block_rows=block_rows,
+                       interpret=pltpu.InterpretParams())
+  ref = activation_jet_reference(*(a.astype(jnp.float32) for a in (x, dx, ddx)),
+                                 activation="tanh")
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  _assert_close([o.astype(jnp.float32) for o in out], ref, rtol=tol, atol=tol)

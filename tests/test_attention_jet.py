@@ -3,6 +3,7 @@ reference, and the reference vs jvp-of-jvp of plain softmax attention."""
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 import pytest
 
@@ -160,3 +161,19 @@ def test_common_logit_tangent_does_not_cancel(common):
               reference(*args, causal=True)):
     for o, e, sc in zip(out, expected, scale):
       np.testing.assert_allclose(np.asarray(o), e, rtol=0, atol=3e-4 * sc)
+
+
+@pytest.mark.parametrize("platform, calls", [("cpu", 0), ("cuda", 1),
+                                             ("tpu", 1)])
+def test_lowered_for_the_platform_lowered_for(platform, calls, kernel_calls):
+  fn = lambda *a: attention_jet(*a, causal=True)
+  assert kernel_calls(fn, *_inputs(9), platform=platform) == calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tpu_version_matches_reference(causal):
+  # The TPU version (16-row minimum tiles) under Pallas' TPU interpreter.
+  args = _inputs(10)
+  out = attention_jet(*args, causal=causal, block_q=16, block_k=16,
+                      interpret=pltpu.InterpretParams())
+  _assert_close(out, reference(*args, causal=causal), 1e-4, 1e-4)

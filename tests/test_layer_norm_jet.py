@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 import numpy as np
 import pytest
 
@@ -81,3 +82,23 @@ def test_jvp_of_kernel_with_zero_tangent():
                              tuple(tangents))
   _assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
   _assert_close(tan, ref_tan, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("platform, calls", [("cpu", 0), ("cuda", 1),
+                                             ("tpu", 1)])
+def test_lowered_for_the_platform_lowered_for(platform, calls, kernel_calls):
+  assert kernel_calls(layer_norm_jet, *_inputs(8), platform=platform) == calls
+
+
+@pytest.mark.parametrize("dtype, block_rows, tol", [
+    (jnp.float32, None, 1e-4),  # One tile of 80 rows (74 padded).
+    (jnp.float32, 8, 1e-4),  # Ten tiles, the last padded.
+    (jnp.bfloat16, 16, 5e-2)])
+def test_tpu_version_matches_reference(dtype, block_rows, tol):
+  # Mosaic TPU's tiles (features padded to 128 lanes and masked, rows a
+  # multiple of 8 or 16) under Pallas' TPU interpreter.
+  args = _inputs(9, dtype)
+  out = layer_norm_jet(*args, block_rows=block_rows,
+                       interpret=pltpu.InterpretParams())
+  ref = layer_norm_jet_reference(*[a.astype(jnp.float32) for a in args])
+  _assert_close([o.astype(jnp.float32) for o in out], ref, rtol=tol, atol=tol)
