@@ -1,7 +1,8 @@
 """Shared pytest configuration: markers for slow and GPU-only tests.
 
-Slow tests run only with ``--runslow``; GPU tests run only when JAX sees a GPU.
-Both are reported as skipped otherwise, never silently passing. The
+Slow tests run only with ``--runslow``; GPU tests run only when JAX sees a GPU;
+the compile-for-accelerators tier (``accel``, ``tests/accel``) only with
+``--accel``. All are reported as skipped otherwise, never silently passing. The
 ``kernel_calls`` fixture counts the kernels a function lowers to for a
 platform, with no device (``jax.export``).
 """
@@ -18,6 +19,12 @@ def pytest_addoption(parser):
   parser.addoption(
       "--runslow", action="store_true", default=False, help="run tests marked slow"
   )
+  parser.addoption(
+      "--accel", action="store_true", default=False,
+      help="run the compile-for-accelerators tier (tests marked accel)")
+  parser.addoption(
+      "--accel-report", default=None, metavar="FILE",
+      help="with --accel: write each compile's results to FILE as JSON")
 
 
 def _has_gpu() -> bool:
@@ -30,10 +37,14 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
   skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
   skip_gpu = pytest.mark.skip(reason="gpu: no GPU visible to JAX")
+  skip_accel = pytest.mark.skip(
+      reason="accel: compile-for-accelerators tier, run with --accel")
   has_gpu = None
   for item in items:
     if "slow" in item.keywords and not config.getoption("--runslow"):
       item.add_marker(skip_slow)
+    if "accel" in item.keywords and not config.getoption("--accel"):
+      item.add_marker(skip_accel)
     if "gpu" in item.keywords:
       if has_gpu is None:
         has_gpu = _has_gpu()

@@ -1,0 +1,189 @@
+"""What the compile-for-accelerators tier compiles, and how (tests/accel).
+
+Each case is a function and the shapes of its arguments. :func:`compile_for`
+lowers it for one device of an accelerator topology described on this host
+(no device present), compiles it with the accelerator's compiler and reads
+the result: the number of Pallas kernels compiled as kernels (custom calls
+``__gpu$xla.gpu.triton`` on GPU, ``tpu_custom_call`` on TPU; a kernel left
+to Pallas' interpreter would be plain HLO and count nothing), the compiled
+memory and the compile time.
+
+Sizes: the kernels at realistic sizes (rows up to 8192, widths 256-4096,
+head dimensions 64 and 128, sequences up to 2048, float32 and bfloat16,
+causal and not); a CDAT step (value, gradient, the exact curvature by
+jvp-of-jvp, the update) of each fused model of ``cdat_fast.harness.models``
+at the paper's widths, with NanoLM at its full depth and the vision models
+cut to 4 blocks to keep the tier's compile time in budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+KERNEL_TARGETS = {"gpu": 'custom_call_target="__gpu$xla.gpu.triton"',
+                  "tpu": 'custom_call_target="tpu_custom_call"'}
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Compiled:
+  """What one compile gave."""
+  kernels: int  # kernel custom calls in the compiled program
+  temp_bytes: int  # temporaries (memory_analysis)
+  total_bytes: int  # arguments + outputs + temporaries - aliased
+  seconds: float  # lowering and compiling
+
+
+def compile_for(device, fn: Callable[..., Any], args,
+                compiler_options: dict[str, Any] | None = None) -> Compiled:
+  """Compiles ``fn`` for ``device`` with arguments shaped like ``args``.
+
+  Args:
+    device: a device of a ``jax.experimental.topologies`` topology.
+    fn: the function to compile.
+    args: pytrees of arrays or ``jax.ShapeDtypeStruct`` (only shapes and
+      dtypes matter); placed on ``device``.
+    compiler_options: XLA options for this compile.
+  """
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  specs = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      args)
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*specs).compile(
+      compiler_options=compiler_options or {})
+  seconds = time.perf_counter() - start
+  text = compiled.as_text()
+  kind = "tpu" if device.platform == "tpu" else "gpu"
+  memory = compiled.memory_analysis()
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+           memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return Compiled(text.count(KERNEL_TARGETS[kind]), memory.temp_size_in_bytes,
+                  total, seconds)
+
+
+def _spec(shape, dtype):
+  return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+# ---------------------------------------------------------------------------
+# The kernels, each with all its inputs present (every product computed).
+
+# (rows, in features, out features): a transformer's MLP in and out, a
+# small layer, awkward rows with a 768 -> 3072 projection.
+DENSE = [(8192, 1024, 4096), (8192, 4096, 1024), (2048, 256, 256),
+         (1000, 768, 3072)]
+# (activation, shape)
+ACTIVATION = [("gelu", (8192, 4096)), ("relu", (4096, 1024)),
+              ("tanh", (1000, 3072)), ("silu", (2048, 256))]
+# (rows, features)
+LAYER_NORM = [(8192, 4096), (8192, 256), (1000, 768)]
+# (batch, heads, T, head dimension); each causal and not.
+ATTENTION = [(2, 8, 512, 64), (2, 8, 2048, 64), (2, 8, 512, 128),
+             (1, 8, 2048, 128)]
+
+
+def kernel_cases():
+  """``{id: (fn, args)}`` of every kernel case."""
+  from cdat_fast import kernels  # pylint: disable=g-import-not-at-top
+  cases = {}
+  for dname, dtype in DTYPES.items():
+    for m, k, n in DENSE:
+      x, w, b = _spec((m, k), dtype), _spec((k, n), dtype), _spec((n,), dtype)
+      cases[f"dense_jet-{m}x{k}x{n}-{dname}"] = (
+          kernels.dense_jet, (x, w, b, x, w, b, x))
+    for act, shape in ACTIVATION:
+      x = _spec(shape, dtype)
+      cases[f"activation_jet-{act}-{shape[0]}x{shape[1]}-{dname}"] = (
+          lambda *a, act=act: kernels.activation_jet(*a, activation=act),
+          (x, x, x))
+    for rows, n in LAYER_NORM:
+      x, v = _spec((rows, n), dtype), _spec((n,), dtype)
+      cases[f"layer_norm_jet-{rows}x{n}-{dname}"] = (
+          kernels.layer_norm_jet, (x, v, v, x, v, v, x))
+    for b, h, t, d in ATTENTION:
+      for causal in (False, True):
+        x = _spec((b, h, t, d), dtype)
+        mask = "causal" if causal else "full"
+        cases[f"attention_jet-{b}x{h}x{t}x{d}-{mask}-{dname}"] = (
+            lambda *a, causal=causal: kernels.attention_jet(*a,
+                                                            causal=causal),
+            (x,) * 9)
+  return cases
+
+
+# ---------------------------------------------------------------------------
+# A CDAT step of each fused model.
+
+# name -> (registry name, overrides, input shape, fused layers). Every fused
+# layer takes one kernel: Dense -> dense_jet, LayerNorm -> layer_norm_jet,
+# an activation -> activation_jet, attention -> attention_jet
+# (MultiHeadAttention: 4 dense_jet + 1 attention_jet); Embed and the
+# residual adds take none.
+MODELS = {
+    # 3 hidden layers of 1024 on MNIST-sized inputs: 4 Dense + 3 relu.
+    "mlp": ("mlp", dict(features=(1024, 1024, 1024)), (256, 28, 28, 1),
+            lambda c: 2 * len(c["features"]) + 1),
+    # The paper's NanoLM (6 blocks, width 256, 8 heads of 4) at T=1024:
+    # per block 2 LayerNorm + attention (5) + Dense, relu, Dense; then
+    # ln_f and the head.
+    "nanolm-paper-T1024": (
+        "nanolm-paper", dict(block_size=1024), (8, 1024),
+        lambda c: 10 * 6 + 2),
+    # ViT Ti/16 widths (192, 3 heads of 64, MLP 768), 4 blocks, 224x224:
+    # stem, per block 2 LayerNorm + attention (5) + Dense, gelu, Dense;
+    # then encoder_norm and the head.
+    "vit-ti16-4blocks": (
+        "vit-ti32", dict(patch_size=16, num_layers=4), (8, 224, 224, 3),
+        lambda c: 10 * c["num_layers"] + 3),
+    # Mixer Ti/8 widths (192, token MLP 96, channel MLP 768, 784 tokens),
+    # 4 blocks: stem, per block 2 LayerNorm + 2 x (Dense, gelu, Dense);
+    # then pre_head_norm and the head.
+    "mixer-ti8-4blocks": (
+        "mixer-ti8", dict(num_blocks=4), (8, 224, 224, 3),
+        lambda c: 8 * c["num_blocks"] + 3),
+}
+
+
+def cdat_step_case(name: str):
+  """``(step, args, expected kernels)`` for a CDAT step of ``MODELS[name]``.
+
+  ``step(params, state, inputs, labels)`` is one step of
+  ``cdat_fast.cdat(optax.sgd(1.0))`` on the mean softmax cross-entropy of
+  ``models.get_model(..., fused=True)``, returning the new parameters and
+  state; ``args`` are their shapes (float32 parameters).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  import cdat_fast  # pylint: disable=g-import-not-at-top
+  from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
+  registry_name, overrides, shape, count = MODELS[name]
+  language = registry_name.startswith("nanolm")
+  model = models.get_model(registry_name, 65 if language else 10, fused=True,
+                           **overrides)
+  if language:
+    inputs, labels = _spec(shape, jnp.int32), _spec(shape, jnp.int32)
+  else:
+    inputs, labels = _spec(shape, jnp.float32), _spec(shape[:1], jnp.int32)
+  params = jax.eval_shape(
+      lambda x: models.init_params(model, jax.random.key(0), x), inputs)
+  opt = cdat_fast.cdat(optax.sgd(1.0))
+  state = jax.eval_shape(opt.init, params)
+
+  def step(params, state, inputs, labels):
+    def loss(p):
+      logits = model.apply({"params": p}, inputs)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+    value, grad = jax.value_and_grad(loss)(params)
+    updates, state = opt.update(grad, state, params, value_fn=loss,
+                                value=value)
+    return optax.apply_updates(params, updates), state
+
+  config = {f.name: getattr(model, f.name)
+            for f in dataclasses.fields(model) if f.name not in
+            ("parent", "name")}
+  return step, (params, state, inputs, labels), count(config)
