@@ -2,7 +2,8 @@
 
 Skipped (reported) where JAX sees no GPU; the same checks run in interpret
 mode on the CPU in test_dense_jet.py, test_activation_jet.py and
-test_layer_norm_jet.py and test_attention_jet.py.
+test_layer_norm_jet.py and test_attention_jet.py, and tests/accel compiles
+the kernels for an H100 from a CPU host (no device, nothing run).
 """
 import jax
 import jax.numpy as jnp
@@ -58,14 +59,32 @@ def test_layer_norm_jet_compiled():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("t, d", [(37, 5), (300, 64)])
+@pytest.mark.parametrize("t, d", [(37, 5), (300, 64), (300, 128)])
 def test_attention_jet_compiled(causal, t, d):
   # Short rows and 5 features: padded to Triton's minimum 16-wide tiles.
+  # 64 and 128 features in float32: tiles shrunk to fit shared memory.
   args = _normal(3 + t, [(2, 3, t, d)] * 9)
   out = jax.jit(lambda *a: attention_jet(*a, causal=causal,
                                          interpret=False))(*args)
   ref = jax.jit(lambda *a: attention_jet_reference(*a, causal=causal))(*args)
   _close(out, ref, 2e-2)  # TF32 matmuls.
+
+
+def test_attention_jet_compiled_bf16():
+  args = _normal(4, [(2, 2, 200, 128)] * 9, jnp.bfloat16)
+  out = jax.jit(lambda *a: attention_jet(*a, causal=True))(*args)
+  ref = jax.jit(lambda *a: attention_jet_reference(
+      *(x.astype(jnp.float32) for x in a), causal=True))(*args)
+  _close(out, ref, 1e-1)
+
+
+def test_default_lowering_is_the_triton_kernel():
+  # interpret=None on a GPU: one Triton kernel per call, no interpreter.
+  x, w = _normal(5, [(256, 128), (128, 64)])
+  fn = jax.jit(lambda x, w: dense_jet(x, w, None, x, w, None, x))
+  text = fn.lower(x, w).compile().as_text()
+  assert text.count('custom_call_target="__gpu$xla.gpu.triton"') == 1
+  _close(fn(x, w), dense_jet_reference(x, w, None, x, w, None, x), 2e-2)
 
 
 _GPU_MODELS = {
