@@ -48,6 +48,13 @@ has no forward-mode rule).
 
 Per key block: 6 matmuls for ``s, ṡ, s̈`` and 7 for the value sums, against 2
 for attention itself.
+
+Two versions (:mod:`.lowering` keeps the one for the platform lowered for):
+for Triton and the interpreter, a query block loops over the key blocks of
+the whole key/value sequence in the kernel, with tiles shrunk by dtype and
+head dimension to fit a GPU's shared memory; for Mosaic TPU the key blocks
+are a sequential grid axis, so keys and values stream through VMEM a block
+at a time and the sums stay in VMEM scratch.
 """
 
 from __future__ import annotations
@@ -86,94 +93,89 @@ class _Config(NamedTuple):
   precision: lax.PrecisionLike
 
 
-def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
-                          ddq_ref, ddk_ref, ddv_ref, o_ref, do_ref, ddo_ref,
-                          *, scale, causal, block_k, seq_k, precision):
-  """One block of queries against all keys, online over key blocks."""
-  block_q = q_ref.shape[0]
-  d_v = v_ref.shape[-1]
-  f32 = jnp.float32
-  q = q_ref[...].astype(f32)
-  dq = dq_ref[...].astype(f32)
-  ddq = ddq_ref[...].astype(f32)
-  q_start = pl.program_id(1) * block_q
-  rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-
-  def dot_t(a, b):  # a @ b.T
+def _dots(precision):
+  """(a @ b.T, a @ b) in float32 with ``precision``."""
+  def dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                           precision=precision, preferred_element_type=f32)
+                           precision=precision,
+                           preferred_element_type=jnp.float32)
 
   def dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                           precision=precision, preferred_element_type=f32)
+                           precision=precision,
+                           preferred_element_type=jnp.float32)
+  return dot_t, dot
 
-  def valid_at(start):
-    cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    valid = cols < seq_k
-    if causal:
-      valid = valid & (cols <= rows)
-    return valid
 
-  # Every output depends on ṡ only through ṡ - a, so the sums accumulate
-  # ṡ - K for a per-row shift K: the mean of ṡ over the first key block's
-  # valid keys (every row has one: key 0). A part of ṡ common to all keys
-  # (q̇ against a key bias, say) would otherwise make E[ṡ²] - a² and the
-  # expanded (ṡ - a)² terms cancel catastrophically in float32.
-  first = pl.ds(0, block_k)
-  valid0 = valid_at(0)
-  ds0 = jnp.where(valid0, dot_t(dq, k_ref[first, :].astype(f32))
-                  + dot_t(q, dk_ref[first, :].astype(f32)), 0.0)
-  shift = scale * jnp.sum(ds0, axis=1, keepdims=True) / jnp.maximum(
-      jnp.sum(valid0.astype(f32), axis=1, keepdims=True), 1.0)
+def _valid(rows, start, seq_k, causal):
+  """Which (query, key) pairs of a key block starting at ``start`` count."""
+  cols = start + lax.broadcasted_iota(jnp.int32, rows.shape, 1)
+  valid = cols < seq_k
+  if causal:
+    valid = valid & (cols <= rows)
+  return valid
 
-  def body(j, carry):
-    m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = carry
-    start = pl.multiple_of(j * block_k, block_k)
-    ks = pl.ds(start, block_k)
-    k = k_ref[ks, :].astype(f32)
-    dk = dk_ref[ks, :].astype(f32)
-    ddk = ddk_ref[ks, :].astype(f32)
-    v = v_ref[ks, :].astype(f32)
-    dv = dv_ref[ks, :].astype(f32)
-    ddv = ddv_ref[ks, :].astype(f32)
-    s = scale * dot_t(q, k)
-    ds = scale * (dot_t(dq, k) + dot_t(q, dk)) - shift
-    dds = scale * (dot_t(ddq, k) + 2.0 * dot_t(dq, dk) + dot_t(q, ddk))
-    valid = valid_at(start)
-    s = jnp.where(valid, s, _NEG)
-    ds = jnp.where(valid, ds, 0.0)
-    dds = jnp.where(valid, dds, 0.0)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m - m_new)
-    e = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-    e_ds = e * ds
-    e_ds2 = e_ds * ds
-    e_dds = e * dds
-    return (
-        m_new,
-        alpha * l + jnp.sum(e, axis=1, keepdims=True),
-        alpha * s1 + jnp.sum(e_ds, axis=1, keepdims=True),
-        alpha * s2 + jnp.sum(e_ds2, axis=1, keepdims=True),
-        alpha * s3 + jnp.sum(e_dds, axis=1, keepdims=True),
-        alpha * v0 + dot(e, v),
-        alpha * v1 + dot(e_ds, v),
-        alpha * v2 + dot(e_ds2, v),
-        alpha * v3 + dot(e_dds, v),
-        alpha * w0 + dot(e, dv),
-        alpha * w1 + dot(e_ds, dv),
-        alpha * x0 + dot(e, ddv),
-    )
 
-  num_blocks = pl.cdiv(seq_k, block_k)
-  if causal:  # Key blocks past this query block's last row are all masked.
-    num_blocks = jnp.minimum(num_blocks,
-                             pl.cdiv(q_start + block_q, block_k))
-  col = jnp.zeros((block_q, 1), f32)
-  mat = jnp.zeros((block_q, d_v), f32)
-  init = (jnp.full((block_q, 1), _NEG, f32), col, col, col, col,
+def _shift(qs, k, dk, valid, scale, dot_t):
+  """The per-row shift K of ṡ: its mean over the first key block.
+
+  Every output depends on ṡ only through ṡ - a, so the sums accumulate
+  ṡ - K: the mean of ṡ over the first key block's valid keys (every row has
+  one: key 0). A part of ṡ common to all keys (q̇ against a key bias, say)
+  would otherwise make E[ṡ²] - a² and the expanded (ṡ - a)² terms cancel
+  catastrophically in float32.
+  """
+  q, dq, _ = qs
+  ds0 = jnp.where(valid, dot_t(dq, k) + dot_t(q, dk), 0.0)
+  return scale * jnp.sum(ds0, axis=1, keepdims=True) / jnp.maximum(
+      jnp.sum(valid.astype(jnp.float32), axis=1, keepdims=True), 1.0)
+
+
+def _init(block_q: int, d_v: int):
+  """The online sums before any key: (m, l, s1, s2, s3, v0..v3, w0, w1, x0)."""
+  col = jnp.zeros((block_q, 1), jnp.float32)
+  mat = jnp.zeros((block_q, d_v), jnp.float32)
+  return (jnp.full((block_q, 1), _NEG, jnp.float32), col, col, col, col,
           mat, mat, mat, mat, mat, mat, mat)
-  m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = lax.fori_loop(
-      0, num_blocks, body, init)
+
+
+def _update(carry, qs, kvs, valid, shift, scale, dots):
+  """The online sums after one more key block (``kvs``, float32)."""
+  m, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = carry
+  q, dq, ddq = qs
+  k, dk, ddk, v, dv, ddv = kvs
+  dot_t, dot = dots
+  s = scale * dot_t(q, k)
+  ds = scale * (dot_t(dq, k) + dot_t(q, dk)) - shift
+  dds = scale * (dot_t(ddq, k) + 2.0 * dot_t(dq, dk) + dot_t(q, ddk))
+  s = jnp.where(valid, s, _NEG)
+  ds = jnp.where(valid, ds, 0.0)
+  dds = jnp.where(valid, dds, 0.0)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+  alpha = jnp.exp(m - m_new)
+  e = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+  e_ds = e * ds
+  e_ds2 = e_ds * ds
+  e_dds = e * dds
+  return (
+      m_new,
+      alpha * l + jnp.sum(e, axis=1, keepdims=True),
+      alpha * s1 + jnp.sum(e_ds, axis=1, keepdims=True),
+      alpha * s2 + jnp.sum(e_ds2, axis=1, keepdims=True),
+      alpha * s3 + jnp.sum(e_dds, axis=1, keepdims=True),
+      alpha * v0 + dot(e, v),
+      alpha * v1 + dot(e_ds, v),
+      alpha * v2 + dot(e_ds2, v),
+      alpha * v3 + dot(e_dds, v),
+      alpha * w0 + dot(e, dv),
+      alpha * w1 + dot(e_ds, dv),
+      alpha * x0 + dot(e, ddv),
+  )
+
+
+def _store(out_refs, carry):
+  """Expands the squares of the final sums and writes (o, do, ddo)."""
+  _, l, s1, s2, s3, v0, v1, v2, v3, w0, w1, x0 = carry
   inv = 1.0 / jnp.where(l > 0, l, 1.0)  # l ≥ 1 on every real row.
   a = s1 * inv  # E[ṡ] - K; the shift cancels in every output below.
   da = s2 * inv - a * a + s3 * inv
@@ -181,12 +183,86 @@ def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
   do = (v1 - a * v0 + w0) * inv
   ddo = (v2 - 2.0 * a * v1 + (a * a - da) * v0 + v3
          + 2.0 * (w1 - a * w0) + x0) * inv
-  o_ref[...] = o.astype(o_ref.dtype)
-  do_ref[...] = do.astype(do_ref.dtype)
-  ddo_ref[...] = ddo.astype(ddo_ref.dtype)
+  for ref, value in zip(out_refs, (o, do, ddo)):
+    ref[...] = value.astype(ref.dtype)
 
 
-def _tiles(config: _Config, target, t, s, d, d_v, itemsize):
+def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
+                          ddq_ref, ddk_ref, ddv_ref, o_ref, do_ref, ddo_ref,
+                          *, scale, causal, block_k, seq_k, precision):
+  """Triton/interpreter body: one block of queries against all keys, online
+  over key blocks looped here (the key/value refs hold the whole sequence)."""
+  block_q = q_ref.shape[0]
+  f32 = jnp.float32
+  qs = tuple(r[...].astype(f32) for r in (q_ref, dq_ref, ddq_ref))
+  q_start = pl.program_id(1) * block_q
+  rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  dots = _dots(precision)
+  first = pl.ds(0, block_k)
+  shift = _shift(qs, k_ref[first, :].astype(f32), dk_ref[first, :].astype(f32),
+                 _valid(rows, 0, seq_k, causal), scale, dots[0])
+  kv_refs = (k_ref, dk_ref, ddk_ref, v_ref, dv_ref, ddv_ref)
+
+  def body(j, carry):
+    start = pl.multiple_of(j * block_k, block_k)
+    ks = pl.ds(start, block_k)
+    kvs = tuple(r[ks, :].astype(f32) for r in kv_refs)
+    return _update(carry, qs, kvs, _valid(rows, start, seq_k, causal), shift,
+                   scale, dots)
+
+  num_blocks = pl.cdiv(seq_k, block_k)
+  if causal:  # Key blocks past this query block's last row are all masked.
+    num_blocks = jnp.minimum(num_blocks,
+                             pl.cdiv(q_start + block_q, block_k))
+  carry = lax.fori_loop(0, num_blocks, body,
+                        _init(block_q, v_ref.shape[-1]))
+  _store((o_ref, do_ref, ddo_ref), carry)
+
+
+def _attention_jet_tpu_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
+                              ddq_ref, ddk_ref, ddv_ref, o_ref, do_ref,
+                              ddo_ref, shift_ref, *sum_refs, scale, causal,
+                              seq_k, precision):
+  """Mosaic TPU body: one key block (grid axis 2) of one query block.
+
+  Keys and values stream through VMEM a block at a time (any sequence
+  length fits); the shift and the online sums stay in VMEM scratch across
+  the key blocks; the outputs are written after the last.
+  """
+  block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+  f32 = jnp.float32
+  q_start = pl.program_id(1) * block_q
+  j = pl.program_id(2)
+  rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  qs = tuple(r[...].astype(f32) for r in (q_ref, dq_ref, ddq_ref))
+  kvs = tuple(r[...].astype(f32) for r in (k_ref, dk_ref, ddk_ref, v_ref,
+                                           dv_ref, ddv_ref))
+  valid = _valid(rows, j * block_k, seq_k, causal)
+  dots = _dots(precision)
+
+  @pl.when(j == 0)
+  def _():
+    shift_ref[...] = _shift(qs, kvs[0], kvs[1], valid, scale, dots[0])
+    for ref, value in zip(sum_refs, _init(block_q, v_ref.shape[-1])):
+      ref[...] = value
+
+  def accumulate():
+    carry = tuple(r[...] for r in sum_refs)
+    for ref, value in zip(sum_refs, _update(carry, qs, kvs, valid,
+                                            shift_ref[...], scale, dots)):
+      ref[...] = value
+
+  if causal:  # Key blocks past this query block's last row are all masked.
+    pl.when(j * block_k < q_start + block_q)(accumulate)
+  else:
+    accumulate()
+
+  @pl.when(j == pl.num_programs(2) - 1)
+  def _():
+    _store((o_ref, do_ref, ddo_ref), tuple(r[...] for r in sum_refs))
+
+
+def _tiles(config: _Config, target, t, s, d, d_v, dtype):
   """(block_q, block_k, padded D, padded D_v) for ``target``.
 
   Triton's dot needs every dimension of a tile >= 16; interpret mode takes
@@ -195,14 +271,20 @@ def _tiles(config: _Config, target, t, s, d, d_v, itemsize):
   ``block_k × width × itemsize`` at most ``_KEY_TILE_BYTES`` for the
   default 64 queries, fewer queries where 16 keys are still more
   (``tests/accel`` compiles every dtype and head dimension for an H100).
+  The TPU version rounds the blocks to Mosaic's sublanes instead (8 rows,
+  16 in 16-bit types); its keys stream through VMEM a block at a time.
   """
   low = 1 if target.interpret is True else 16
-  block_q = max(low, min(config.block_q, _next_power_of_2(t)))
-  block_k = max(low, min(config.block_k, _next_power_of_2(s)))
   d_p = max(low, _next_power_of_2(d))
   dv_p = max(low, _next_power_of_2(d_v))
-  if target.kind == lowering.TRITON and target.interpret is False:
-    width = max(d_p, dv_p) * itemsize
+  if target.kind == lowering.TPU:
+    sub = max(lowering.sublanes(dtype), low)
+    return (min(_round_up(config.block_q, sub), _round_up(t, sub)),
+            min(_round_up(config.block_k, sub), _round_up(s, sub)), d_p, dv_p)
+  block_q = max(low, min(config.block_q, _next_power_of_2(t)))
+  block_k = max(low, min(config.block_k, _next_power_of_2(s)))
+  if target.interpret is False:
+    width = max(d_p, dv_p) * jnp.dtype(dtype).itemsize
     while block_k > low and block_k * width > _KEY_TILE_BYTES:
       block_k //= 2
     while block_q > low and block_q * block_k * width > 64 * _KEY_TILE_BYTES:
@@ -210,50 +292,78 @@ def _tiles(config: _Config, target, t, s, d, d_v, itemsize):
   return block_q, block_k, d_p, dv_p
 
 
+def _specs(target, causal, block_q, block_k, s_p, d_p, dv_p):
+  """BlockSpecs of (q, k, v) and of an output, for ``target``'s grid.
+
+  Triton and the interpreter: grid (head, query block), the keys and
+  values whole. TPU: grid (head, query block, key block), one key block at
+  a time; causal blocks past the query block's last row repeat the last
+  needed block, which Pallas then does not fetch again.
+  """
+  if target.kind != lowering.TPU:
+    return (pl.BlockSpec((None, block_q, d_p), lambda h, i: (h, i, 0)),
+            pl.BlockSpec((None, s_p, d_p), lambda h, i: (h, 0, 0)),
+            pl.BlockSpec((None, s_p, dv_p), lambda h, i: (h, 0, 0)),
+            pl.BlockSpec((None, block_q, dv_p), lambda h, i: (h, i, 0)))
+
+  def key_block(i, j):
+    if not causal:
+      return j
+    # lax.div: the operands are non-negative, so no floor-division rule
+    # (whose Mosaic lowering asks which TPU it is lowering for).
+    return jnp.minimum(j, lax.div(i * block_q + block_q - 1, block_k))
+
+  return (pl.BlockSpec((None, block_q, d_p), lambda h, i, j: (h, i, 0)),
+          pl.BlockSpec((None, block_k, d_p),
+                       lambda h, i, j: (h, key_block(i, j), 0)),
+          pl.BlockSpec((None, block_k, dv_p),
+                       lambda h, i, j: (h, key_block(i, j), 0)),
+          pl.BlockSpec((None, block_q, dv_p), lambda h, i, j: (h, i, 0)))
+
+
 def _attention_jet_pallas(config: _Config, target, *args):
   q, k, v = args[:3]
   *lead, t, d = q.shape
   s, d_v = k.shape[-2], v.shape[-1]
   heads = math.prod(lead)
-  block_q, block_k, d_p, dv_p = _tiles(config, target, t, s, d, d_v,
-                                       jnp.dtype(q.dtype).itemsize)
+  block_q, block_k, d_p, dv_p = _tiles(config, target, t, s, d, d_v, q.dtype)
   t_p = _round_up(t, block_q)
   s_p = _round_up(s, block_k)
-
-  def pad(a, length, width):
-    a = a.reshape(heads, a.shape[-2], a.shape[-1])
-    return jnp.pad(a, ((0, 0), (0, length - a.shape[1]),
-                       (0, width - a.shape[2])))
-
+  sizes = {"q": (t_p, d_p), "k": (s_p, d_p), "v": (s_p, dv_p)}
   padded = []
   for name, a in zip(NAMES, args):
-    if name[-1] == "q":
-      padded.append(pad(a, t_p, d_p))
-    elif name[-1] == "k":
-      padded.append(pad(a, s_p, d_p))
-    else:
-      padded.append(pad(a, s_p, dv_p))
-  q_spec = pl.BlockSpec((None, block_q, d_p), lambda h, i: (h, i, 0))
-  k_spec = pl.BlockSpec((None, s_p, d_p), lambda h, i: (h, 0, 0))
-  v_spec = pl.BlockSpec((None, s_p, dv_p), lambda h, i: (h, 0, 0))
-  o_spec = pl.BlockSpec((None, block_q, dv_p), lambda h, i: (h, i, 0))
-  specs = [q_spec, k_spec, v_spec] * 3
-  kernel = functools.partial(
-      _attention_jet_kernel, scale=config.scale, causal=config.causal,
-      block_k=block_k, seq_k=s, precision=config.precision)
-  num_warps = config.num_warps
-  if num_warps is None:
-    num_warps = 4 if block_q * max(d_p, dv_p) <= 64 * 64 else 8
+    length, width = sizes[name[-1]]
+    a = a.reshape(heads, a.shape[-2], a.shape[-1])
+    padded.append(jnp.pad(a, ((0, 0), (0, length - a.shape[1]),
+                              (0, width - a.shape[2]))))
+  q_spec, k_spec, v_spec, o_spec = _specs(target, config.causal, block_q,
+                                          block_k, s_p, d_p, dv_p)
+  static = dict(scale=config.scale, causal=config.causal, seq_k=s,
+                precision=config.precision)
+  if target.kind == lowering.TPU:
+    kernel = functools.partial(_attention_jet_tpu_kernel, **static)
+    grid = (heads, t_p // block_q, s_p // block_k)
+    scratch = [lowering.tpu_vmem((block_q, 1), jnp.float32)] * 6 + [
+        lowering.tpu_vmem((block_q, dv_p), jnp.float32)] * 7
+    params = lowering.compiler_params(
+        target, dimension_semantics=("parallel", "parallel", "arbitrary"))
+  else:
+    kernel = functools.partial(_attention_jet_kernel, block_k=block_k,
+                               **static)
+    grid, scratch = (heads, t_p // block_q), ()
+    num_warps = config.num_warps
+    if num_warps is None:
+      num_warps = 4 if block_q * max(d_p, dv_p) <= 64 * 64 else 8
+    params = lowering.compiler_params(target, num_warps=num_warps)
   outs = pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct((heads, t_p, dv_p), q.dtype)] * 3,
-      grid=(heads, t_p // block_q),
-      in_specs=specs,
+      grid=grid,
+      in_specs=[q_spec, k_spec, v_spec] * 3,
       out_specs=[o_spec] * 3,
+      scratch_shapes=scratch,
       interpret=target.interpret,
-      compiler_params=lowering.compiler_params(
-          target, num_warps=num_warps,
-          dimension_semantics=("parallel", "parallel")),
+      compiler_params=params,
       name="attention_jet",
   )(*padded)
   return tuple(o[:, :t, :d_v].reshape(*lead, t, d_v) for o in outs)

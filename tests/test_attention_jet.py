@@ -170,10 +170,15 @@ def test_lowered_for_the_platform_lowered_for(platform, calls, kernel_calls):
   assert kernel_calls(fn, *_inputs(9), platform=platform) == calls
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_tpu_version_matches_reference(causal):
-  # The TPU version (16-row minimum tiles) under Pallas' TPU interpreter.
-  args = _inputs(10)
-  out = attention_jet(*args, causal=causal, block_q=16, block_k=16,
-                      interpret=pltpu.InterpretParams())
+@pytest.mark.parametrize("causal, s, blocks", [
+    (False, 45, (16, 16)),  # 3 query blocks x 3 key blocks, keys padded.
+    (True, T, (32, 16)),  # Key blocks past a query block's end skipped.
+    (True, T, (16, 32)),  # Query blocks within one key block.
+])
+def test_tpu_version_matches_reference(causal, s, blocks):
+  # The TPU version, keys streamed a block at a time (grid axis 2) with the
+  # online sums in VMEM scratch, under Pallas' TPU interpreter.
+  args = _inputs(10, s=s)
+  out = attention_jet(*args, causal=causal, block_q=blocks[0],
+                      block_k=blocks[1], interpret=pltpu.InterpretParams())
   _assert_close(out, reference(*args, causal=causal), 1e-4, 1e-4)
