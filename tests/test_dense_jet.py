@@ -1,6 +1,7 @@
 """Tests for kernels/dense_jet.py: the Pallas kernel (interpreted) vs refs."""
 
 import jax
+from jax import export
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 import numpy as np
@@ -125,3 +126,19 @@ def test_tpu_version_optional_inputs():
   args[2] = args[3] = args[6] = None  # No bias, dx or ddx.
   out = dense_jet(*args, interpret=pltpu.InterpretParams())
   _assert_close(out, dense_jet_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_exported_for_several_platforms_runs_on_cpu():
+  # One artifact for CPU, CUDA and TPU: each platform's version is in it,
+  # and the CPU one runs here.
+  args = _inputs(10)
+  fn = jax.jit(dense_jet)
+  exported = export.export(fn, platforms=["cpu", "cuda", "tpu"],
+                           disabled_checks=[
+                               export.DisabledSafetyCheck.custom_call(
+                                   "__gpu$xla.gpu.triton")])(*args)
+  text = exported.mlir_module()
+  assert text.count("custom_call @__gpu$xla.gpu.triton(") == 1
+  assert text.count("custom_call @tpu_custom_call(") == 1
+  _assert_close(exported.call(*args), dense_jet_reference(*args), rtol=1e-5,
+                atol=1e-5)
