@@ -12,6 +12,9 @@ against.
   the preconditioned ``P^{-1/2} ∇²f(w) P^{-1/2}``, appendix B.1 after Cohen et
   al., 2022) by power iteration (appendix C.4: up to 1000 iterations, stop at a
   relative change below 1e-3) or by Lanczos with full reorthogonalisation.
+* ``hessian_operator``, ``hessian_quadratic_form`` and ``lanczos_tridiagonal``
+  are the pieces that :mod:`cdat_fast.diagnostics` (top-k eigenvalues,
+  spectral density, trace) builds on.
 
 All functions work on arbitrary pytrees of parameters and keep their structure
 (and sharding) throughout: nothing is flattened into one vector.
@@ -116,19 +119,62 @@ def preconditioner_from_state(
   return jax.tree.map(lambda n: jnp.sqrt(n) + eps, nu)
 
 
-def _operator(fn, params, preconditioner):
-  """``v ↦ P^{-1/2} ∇²f P^{-1/2} v`` (plain HVP when ``preconditioner`` is None)."""
-  if preconditioner is None:
-    return lambda v: hvp(fn, params, v)
+def _inverse_sqrt(preconditioner, params):
+  """``P^{-1/2}`` as a pytree like ``params`` (from a pytree or a state)."""
   if jax.tree.structure(preconditioner) != jax.tree.structure(params):
     preconditioner = preconditioner_from_state(preconditioner)
-  inv_sqrt = jax.tree.map(
+  return jax.tree.map(
       lambda p, w: jax.lax.rsqrt(jnp.asarray(p, jnp.asarray(w).dtype)),
       preconditioner, params)
+
+
+def hessian_operator(fn: Callable[[PyTree], jax.Array], params: PyTree, *,
+                     preconditioner: Any = None) -> Callable[[PyTree], PyTree]:
+  r"""The linear map ``v ↦ A v``, ``A = P^{-1/2} ∇²f(w) P^{-1/2}``.
+
+  One Hessian-vector product (:func:`hvp`) per application; ``P = I`` (the
+  plain Hessian) when ``preconditioner`` is None.
+
+  Args:
+    fn: scalar function of the parameters.
+    params: the point ``w``.
+    preconditioner: None, a pytree like ``params`` holding the diagonal of
+      ``P`` (positive), or an RMSProp/Adam state (see :func:`sharpness`).
+
+  Returns:
+    A function of a pytree like ``params``.
+  """
+  if preconditioner is None:
+    return lambda v: hvp(fn, params, v)
+  inv_sqrt = _inverse_sqrt(preconditioner, params)
 
   def op(v):
     return optax.tree.mul(inv_sqrt, hvp(fn, params, optax.tree.mul(inv_sqrt, v)))
   return op
+
+
+def hessian_quadratic_form(
+    fn: Callable[[PyTree], jax.Array], params: PyTree, *,
+    preconditioner: Any = None) -> Callable[[PyTree], jax.Array]:
+  r"""The quadratic form ``v ↦ vᵀ A v``, ``A = P^{-1/2} ∇²f(w) P^{-1/2}``.
+
+  Computed as :func:`directional_derivatives`' ``∂²f(w)[u, u]`` along
+  ``u = P^{-1/2} v`` (forward over forward: no Hessian-vector product, about
+  3× the memory of ``f``).
+
+  Args:
+    fn: scalar function of the parameters.
+    params: the point ``w``.
+    preconditioner: as for :func:`hessian_operator`.
+
+  Returns:
+    A function of a pytree like ``params`` returning a scalar.
+  """
+  if preconditioner is None:
+    return lambda v: directional_derivatives(fn, params, v)[2]
+  inv_sqrt = _inverse_sqrt(preconditioner, params)
+  return lambda v: directional_derivatives(
+      fn, params, optax.tree.mul(inv_sqrt, v))[2]
 
 
 def _normalize(v):
@@ -159,44 +205,139 @@ def _power_iteration(op, v0, num_iters, rtol):
   return SharpnessResult(lam, v)
 
 
-def _lanczos(op, v0, num_iters):
-  v0, _ = _normalize(v0)
+class LanczosResult(NamedTuple):
+  r"""An ``m``-step Lanczos decomposition ``A V = V T + β_m v_{m+1} e_mᵀ``.
+
+  Attributes:
+    alphas: ``[m]``, the diagonal of the tridiagonal ``T``.
+    betas: ``[m]``; ``betas[:-1]`` is the off-diagonal of ``T`` (0 where the
+      Krylov space was invariant and the iteration restarted), ``betas[-1]``
+      the norm of the last residual.
+    basis: the orthonormal vectors ``v_1 .. v_{m+1}``: a pytree like the
+      start vector whose leaves have a leading axis of ``m + 1``.
+  """
+  alphas: jax.Array
+  betas: jax.Array
+  basis: PyTree
+
+  def tridiagonal(self) -> jax.Array:
+    """The ``[m, m]`` symmetric tridiagonal ``T = Vᵀ A V``."""
+    off = self.betas[:-1]
+    return jnp.diag(self.alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+
+  def ritz_vectors(self, coefficients: jax.Array) -> PyTree:
+    """``V s`` for each column ``s`` of ``coefficients`` ``[m, k]``.
+
+    Returns a pytree like the start vector with leaves of leading axis ``k``.
+    """
+    m = self.alphas.shape[0]
+    return jax.tree.map(
+        lambda b: jnp.tensordot(coefficients.T.astype(b.dtype), b[:m], axes=1),
+        self.basis)
+
+
+def _orthogonalize(w, basis, j):
+  """``w`` minus its projection on the basis rows ``0..j``, done twice."""
+  rows = jax.tree.leaves(basis)[0].shape[0]
+  for _ in range(2):  # full reorthogonalisation: twice is enough
+    # Contract in place (no reshape), so sharded leaves stay sharded.
+    coeffs = sum(
+        jnp.tensordot(b, x, axes=x.ndim)
+        for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
+    coeffs = jnp.where(jnp.arange(rows) <= j, coeffs, 0)
+    w = jax.tree.map(
+        lambda x, b: x - jnp.tensordot(coeffs.astype(b.dtype), b, axes=1),
+        w, basis)
+  return w
+
+
+def _hash_signs(like: PyTree, seed: jax.Array) -> PyTree:
+  """±1 entries from an integer hash of (seed, leaf, position), like ``like``.
+
+  A fixed Rademacher-like vector: every entry nonzero, no pattern a Hessian
+  would share, and far cheaper to compile inside a loop than a PRNG draw
+  (threefry). The hash is "lowbias32" (C. Wellons, 2018).
+  """
+  leaves, treedef = jax.tree.flatten(like)
+  out = []
+  for i, x in enumerate(leaves):
+    shape = jnp.shape(x)
+    h = jnp.full(shape, jnp.uint32(len(leaves)) * seed.astype(jnp.uint32)
+                 + jnp.uint32(i), jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+      h = h + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(
+          stride * 0x9E3779B1 % 2 ** 32)
+      stride *= shape[d]
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+      h = (h ^ (h >> shift)) * jnp.uint32(mult)
+    h = h ^ (h >> 16)
+    out.append(jnp.where(h >> 31 == 1, 1, -1).astype(jnp.asarray(x).dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def lanczos_tridiagonal(
+    matvec: Callable[[PyTree], PyTree], init: PyTree, num_iters: int
+) -> LanczosResult:
+  r"""Lanczos iteration with full reorthogonalisation.
+
+  From ``v_1 = init / ‖init‖``, ``m = num_iters`` steps build the orthonormal
+  Krylov basis ``V`` of ``A`` (the symmetric map ``matvec``) and the
+  tridiagonal ``T = Vᵀ A V``, whose eigenvalues (Ritz values) approximate
+  the extreme eigenvalues of ``A`` (Lanczos, 1950; Golub & Van Loan,
+  *Matrix Computations*, §10.1). Each new vector is orthogonalised against
+  every previous one, twice, so no spurious copies of converged Ritz values
+  appear. When the Krylov space is invariant (a residual below
+  ``100 ε ‖A‖``), the iteration restarts from a fixed pseudo-random ±1
+  vector made orthogonal to the basis, and records ``β = 0``: ``T`` becomes
+  block diagonal and the later blocks find the rest of the spectrum
+  (repeated eigenvalues too) instead of zeros. Memory: ``m + 1`` copies of
+  the parameters.
+
+  Args:
+    matvec: ``v ↦ A v`` on pytrees like ``init`` (e.g.
+      :func:`hessian_operator`).
+    init: the start vector (nonzero).
+    num_iters: ``m``, at most the dimension.
+
+  Returns:
+    A :class:`LanczosResult`.
+  """
+  checks.check_int("num_iters", num_iters, low=1)
+  v0, _ = _normalize(init)
   m = num_iters
   basis = jax.tree.map(lambda x: jnp.zeros((m + 1,) + x.shape, x.dtype), v0)
   basis = jax.tree.map(lambda b, x: b.at[0].set(x), basis, v0)
   dtype = optax.tree.dtype(v0, "lowest")
-  alphas = jnp.zeros((m,), dtype)
-  betas = jnp.zeros((m,), dtype)
+  tiny = 100 * jnp.finfo(dtype).eps
 
-  def row(b, j):
-    return jax.tree.map(lambda x: x[j], b)
+  def restart(j, basis):
+    return _normalize(_orthogonalize(_hash_signs(v0, j), basis, j))[0]
 
   def body(j, carry):
-    basis, alphas, betas = carry
-    v = row(basis, j)
-    w = op(v)
+    basis, alphas, betas, scale = carry
+    v = jax.tree.map(lambda b: b[j], basis)
+    w = matvec(v)
+    scale = jnp.maximum(scale, optax.tree.norm(w).astype(dtype))
     alpha = treemath.vdot(w, v).real
-    # Full reorthogonalisation against all previous vectors (twice is enough).
-    for _ in range(2):
-      # Contract in place (no reshape), so sharded leaves stay sharded.
-      coeffs = sum(
-          jnp.tensordot(b, x, axes=x.ndim)
-          for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
-      coeffs = jnp.where(jnp.arange(m + 1) <= j, coeffs, 0)
-      w = jax.tree.map(
-          lambda x, b: x - jnp.tensordot(coeffs.astype(b.dtype), b, axes=1),
-          w, basis)
-    w, beta = _normalize(w)
+    w, beta = _normalize(_orthogonalize(w, basis, j))
+    invariant = beta <= tiny * scale
+    w = jax.lax.cond(invariant, restart, lambda j, basis: w, j, basis)
+    beta = jnp.where(invariant, 0, beta)
     basis = jax.tree.map(lambda b, x: b.at[j + 1].set(x), basis, w)
-    return basis, alphas.at[j].set(alpha), betas.at[j].set(beta)
+    return basis, alphas.at[j].set(alpha), betas.at[j].set(beta), scale
 
-  basis, alphas, betas = jax.lax.fori_loop(0, m, body, (basis, alphas, betas))
-  tridiag = (jnp.diag(alphas) + jnp.diag(betas[:-1], 1)
-             + jnp.diag(betas[:-1], -1))
-  theta, s = jnp.linalg.eigh(tridiag)
+  init_carry = (basis, jnp.zeros((m,), dtype), jnp.zeros((m,), dtype),
+                jnp.zeros([], dtype))
+  basis, alphas, betas, _ = jax.lax.fori_loop(0, m, body, init_carry)
+  return LanczosResult(alphas, betas, basis)
+
+
+def _lanczos(op, v0, num_iters):
+  result = lanczos_tridiagonal(op, v0, num_iters)
+  theta, s = jnp.linalg.eigh(result.tridiagonal())
   i = jnp.argmax(jnp.abs(theta))
-  vec = jax.tree.map(
-      lambda b: jnp.tensordot(s[:, i].astype(b.dtype), b[:m], axes=1), basis)
+  vec = jax.tree.map(lambda x: x[0], result.ritz_vectors(s[:, i][:, None]))
   vec, _ = _normalize(vec)
   return SharpnessResult(theta[i], vec)
 
@@ -248,7 +389,7 @@ def sharpness(
   if num_iters is None:
     num_iters = 1000 if method == "power" else min(64, dim)
   checks.check_int("num_iters", num_iters, low=1)
-  op = _operator(fn, params, preconditioner)
+  op = hessian_operator(fn, params, preconditioner=preconditioner)
   if init is None:
     key = jax.random.PRNGKey(0) if key is None else key
     init = optax.tree.random_like(key, params)
