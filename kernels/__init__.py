@@ -1,8 +1,11 @@
 """Fused second-order forward (jet) kernels in Pallas, with pure-jnp references.
 
 Each kernel computes a layer's value, first-order and second-order tangents
-``(y, dy, ddy)`` in one pass; ``interpret=None`` runs Pallas' interpreter on
-CPU and compiles elsewhere.
+``(y, dy, ddy)`` in one pass. With ``interpret=None`` the version is chosen
+for the platform being lowered for, not the host's: Pallas' interpreter on
+CPU, Triton on GPU, Mosaic on TPU, so a program compiled ahead of time for
+an accelerator from a CPU host holds the real kernels
+(``kernels/lowering.py``; ``docs/accelerators.md``).
 """
 
 from .activation_jet import ACTIVATIONS
