@@ -548,6 +548,53 @@ def _operands(rest: str) -> list[str]:
   return names
 
 
+_MESH_GROUPS_RE = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\S*?\))?\s*"
+    r"\{([^}]*)\}")
+_LIST_GROUPS_RE = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_IOTA_GROUPS_RE = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
+
+
+def _group_size(line: str) -> int | None:
+  """Devices per replica group of a collective's HLO line; None: unknown.
+
+  Reads the three forms XLA prints: explicit lists ``{{0,1},{2,3}}``, iota
+  ``[4,2]<=[8]`` (groups of the last size) and mesh axes
+  ``mesh['axis_0'=4,'axis_1'=2] {'axis_1'}`` (the named axes' product).
+  """
+  m = _MESH_GROUPS_RE.search(line)
+  if m:
+    sizes = {k.strip().strip("'"): int(v) for k, v in
+             (item.split("=") for item in m.group(1).split(",") if "=" in item)}
+    names = [n.strip().strip("'") for n in m.group(2).split(",") if n.strip()]
+    return math.prod(sizes.get(n, 1) for n in names)
+  m = _LIST_GROUPS_RE.search(line)
+  if m:
+    return len([d for d in m.group(1).split(",") if d])
+  m = _IOTA_GROUPS_RE.search(line)
+  if m:
+    return int(m.group(1).split(",")[-1])
+  return None
+
+
+def _wire_bytes(kind: str, nbytes: int, group: int | None) -> int | None:
+  """Bytes one device sends for a collective (bandwidth-optimal algorithms).
+
+  ``nbytes`` is the operand size per device: all-reduce ``2(g−1)/g·S``,
+  all-gather ``(g−1)·S``, reduce-scatter and all-to-all ``(g−1)/g·S``,
+  collective-permute ``S``.
+  """
+  if kind == "collective-permute":
+    return nbytes
+  if group is None:
+    return None
+  factor = {"all-reduce": 2 * (group - 1) / group,
+            "all-gather": group - 1,
+            "reduce-scatter": (group - 1) / group,
+            "all-to-all": (group - 1) / group}[kind]
+  return int(round(factor * nbytes))
+
+
 def hlo_collectives(hlo_text: str) -> dict[str, Any]:
   """Collectives and host transfers in an HLO module's text.
 
@@ -558,9 +605,14 @@ def hlo_collectives(hlo_text: str) -> dict[str, Any]:
 
   Returns:
     ``{"count": {kind: n}, "bytes": {kind: b}, "total_bytes": b,
-    "non_scalar": [(kind, "f32[16,32]"), ...], "host_transfers": [...],
-    "callbacks": [...]}``: ``non_scalar`` lists every operand of rank ≥ 1
-    of a collective (a tuple all-reduce contributes one entry per operand),
+    "wire_bytes": {kind: b}, "non_scalar": [(kind, "f32[16,32]"), ...],
+    "ops": [...], "host_transfers": [...], "callbacks": [...]}``:
+    ``non_scalar`` lists every operand of rank ≥ 1 of a collective (a tuple
+    all-reduce contributes one entry per operand); ``ops`` has one
+    ``{"kind", "bytes", "group", "wire_bytes"}`` per collective, with the
+    devices per replica group (None where the text does not say) and the
+    bytes one device sends with bandwidth-optimal algorithms (see
+    ``wire_bytes``, summed per kind where the group is known);
     ``host_transfers`` the send/recv/infeed/outfeed instructions and
     ``callbacks`` the custom calls into the host (Python callbacks).
   """
@@ -575,13 +627,20 @@ def hlo_collectives(hlo_text: str) -> dict[str, Any]:
     instrs.append((name, shape, op, rest, line))
   count = {k: 0 for k in COLLECTIVES}
   nbytes = {k: 0 for k in COLLECTIVES}
-  non_scalar, host, callbacks = [], [], []
+  wire = {k: 0 for k in COLLECTIVES}
+  non_scalar, host, callbacks, ops = [], [], [], []
   for name, shape, op, rest, line in instrs:
     kind = op[:-len("-start")] if op.endswith("-start") else op
     if kind in COLLECTIVES:
       operand_shapes = " ".join(shapes.get(o, "") for o in _operands(rest))
       count[kind] += 1
-      nbytes[kind] += _shape_bytes(operand_shapes)[0]
+      b = _shape_bytes(operand_shapes)[0]
+      nbytes[kind] += b
+      group = None if kind == "collective-permute" else _group_size(line)
+      sent = _wire_bytes(kind, b, group)
+      wire[kind] += sent or 0
+      ops.append({"kind": kind, "bytes": b, "group": group,
+                  "wire_bytes": sent})
       for dtype, dims in _ARRAY_RE.findall(operand_shapes):
         if dims and dtype in _DTYPE_BYTES:
           non_scalar.append((kind, f"{dtype}[{dims}]"))
@@ -593,5 +652,6 @@ def hlo_collectives(hlo_text: str) -> dict[str, Any]:
       if "callback" in target.lower() or "host" in target.lower():
         callbacks.append(target)
   return {"count": count, "bytes": nbytes,
-          "total_bytes": sum(nbytes.values()), "non_scalar": non_scalar,
+          "total_bytes": sum(nbytes.values()), "wire_bytes": wire,
+          "non_scalar": non_scalar, "ops": ops,
           "host_transfers": host, "callbacks": callbacks}

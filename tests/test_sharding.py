@@ -216,6 +216,28 @@ ENTRY %main (p: f32[16,8]) -> f32[] {
   assert stats["bytes"]["collective-permute"] == 4
   assert ("all-reduce", "f32[16,8]") in stats["non_scalar"]
   assert stats["callbacks"] == ["xla_ffi_python_cpu_callback"]
+  # Groups of 2: an all-gather sends its operand once; the all-reduce's
+  # groups are not given; a collective-permute sends its operand.
+  gather = [op for op in stats["ops"] if op["kind"] == "all-gather"][0]
+  assert gather == {"kind": "all-gather", "bytes": 512, "group": 2,
+                    "wire_bytes": 512}
+  assert stats["wire_bytes"]["all-reduce"] == 0
+  assert stats["wire_bytes"]["collective-permute"] == 4
+
+
+@pytest.mark.parametrize("groups,size", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}", 4),
+    ("replica_groups=[4,2]<=[8]", 2),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}", 2),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2],"
+     " device_ids=([2,4]T(1,0)) {'axis_0'}", 4),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=4] {'axis_0','axis_1'}", 16)])
+def test_hlo_collectives_reads_replica_groups(groups, size):
+  text = ("%p = f32[64]{0} parameter(0)\n"
+          f"%r = f32[64]{{0}} all-reduce(%p), {groups}, to_apply=%add")
+  op = sharding.hlo_collectives(text)["ops"][0]
+  assert op["group"] == size
+  assert op["wire_bytes"] == round(2 * (size - 1) / size * 256)
 
 
 # ----------------------------------------------------------------------------
