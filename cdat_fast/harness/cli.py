@@ -128,6 +128,45 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--hyper-beta", type=_float, default=1e-2)
 
 
+def _add_spectrum_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group(
+      "Hessian diagnostics (cdat_fast.harness.diagnostics): top-k"
+      " eigenvalues, trace, spectral density on a fixed subset, in chunks;"
+      " into metrics.jsonl and OUT/spectrum.jsonl")
+  g.add_argument("--spectrum-every", type=int, default=0, metavar="N",
+                 help="measure every N steps (0: never)")
+  g.add_argument("--spectrum-subset", type=_positive_int, default=None,
+                 metavar="K", help="examples of the fixed subset (seeded by"
+                 " --seed; default: the training set up to 1024)")
+  g.add_argument("--spectrum-chunk", type=_positive_int, default=256,
+                 metavar="C", help="examples per chunk (memory: one chunk)")
+  g.add_argument("--spectrum-top-k", type=int, default=5,
+                 help="top eigenvalues by Lanczos (0: none)")
+  g.add_argument("--spectrum-iters", type=_positive_int, default=64,
+                 help="Lanczos steps (top-k and each density probe)")
+  g.add_argument("--spectrum-density-probes", type=int, default=4,
+                 help="stochastic Lanczos quadrature probes (0: no density)")
+  g.add_argument("--spectrum-trace-probes", type=int, default=32,
+                 help="Hutchinson probes of the trace (0: no trace)")
+
+
+def _spectrum_monitor(args):
+  """The run's SpectrumMonitor, or None without --spectrum-every."""
+  if not args.spectrum_every:
+    if args.spectrum_every < 0:
+      raise CLIError("--spectrum-every must be >= 0, got"
+                     f" {args.spectrum_every}")
+    return None
+  from cdat_fast.harness.diagnostics import SpectrumConfig, SpectrumMonitor
+  cfg = SpectrumConfig(
+      every=args.spectrum_every, subset=args.spectrum_subset,
+      chunk=args.spectrum_chunk, top_k=args.spectrum_top_k,
+      iters=args.spectrum_iters,
+      density_probes=args.spectrum_density_probes,
+      trace_probes=args.spectrum_trace_probes, seed=args.seed)
+  return SpectrumMonitor(cfg, args.out, append=bool(args.resume))
+
+
 def _configs_from_args(args) -> TrainConfig:
   opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
   opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
@@ -213,7 +252,10 @@ def cmd_train(args) -> int:
     cfg = _resume_config(args, args.argv)
   else:
     cfg = _configs_from_args(args)
-  trainer = Trainer(cfg)
+  spectrum = _spectrum_monitor(args)
+  trainer = Trainer(cfg, spectrum=spectrum)
+  if spectrum is not None:
+    spectrum.prepare(trainer)  # a bad --spectrum-subset fails now
   verb = "resuming" if args.resume else "train:"
   print(f"cdat-fast {verb} {_describe(cfg)}, {cfg.steps} steps")
   result = trainer.run(args.out, progress=not args.quiet,
@@ -226,7 +268,9 @@ def cmd_train(args) -> int:
     line += f", test accuracy {s['test_accuracy']:.3f}"
   print(line)
   if args.out:
-    print(f"wrote {args.out}/ (metrics.jsonl, summary.json, training.png)")
+    extra = ", spectrum.jsonl" if spectrum is not None else ""
+    print(f"wrote {args.out}/ (metrics.jsonl, summary.json, training.png"
+          f"{extra})")
   if s["status"] != "ok":
     print(f"cdat-fast: diverged: {s['message']}", file=sys.stderr)
     return EXIT_DIVERGED
@@ -448,8 +492,11 @@ def cmd_theory(args) -> int:
 
 def _flag_names(message: str) -> str:
   """``ls_c must be ...`` → ``--ls-c must be ...`` for config fields."""
+  from cdat_fast.harness.diagnostics import SpectrumConfig
   fields = ({f.name for f in dataclasses.fields(OptimizerConfig)}
-            | {f.name for f in dataclasses.fields(TrainConfig)})
+            | {f.name for f in dataclasses.fields(TrainConfig)}
+            | {f"spectrum_{f.name}"
+               for f in dataclasses.fields(SpectrumConfig)})
   first, _, rest = message.partition(" ")
   if first in fields and rest.startswith("must"):
     flag = {"learning_rate": "lr"}.get(first, first).replace("_", "-")
@@ -478,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                  " flags given now override its config where resumable"
                  " (--steps)")
   p.add_argument("--quiet", action="store_true")
+  _add_spectrum_args(p)
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser("sweep", help="grid over lr (log2), scale, ema, batch size")

@@ -118,9 +118,12 @@ def _json_safe(x):
 class Trainer:
   """Holds the compiled pieces of a run; :meth:`run` executes it."""
 
-  def __init__(self, cfg: TrainConfig, dataset: Dataset | None = None):
+  def __init__(self, cfg: TrainConfig, dataset: Dataset | None = None, *,
+               spectrum=None):
     cfg.validate()
     self.cfg = cfg
+    # A cdat_fast.harness.diagnostics.SpectrumMonitor, or None.
+    self.spectrum = spectrum
     self.dataset = dataset if dataset is not None else load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed)
     ds = self.dataset
@@ -405,6 +408,8 @@ class Trainer:
         nu = float(optax.tree.norm(u))
         record["alignment"] = (abs(float(treemath.vdot(u, run.eigvec))) / nu
                                if nu > 0 else 0.0)
+    if self.spectrum is not None:
+      record.update(self.spectrum.measure(self, run.done, length, run.carry))
     return record
 
   def _log_line(self, record: dict) -> str:
