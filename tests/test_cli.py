@@ -156,7 +156,8 @@ def test_train_spectrum_writes_metrics_and_spectrum_file(tmp_path, capsys):
   out = tmp_path / "run"
   rc = main(["train", "--subset", "64", "--width", "8", "--depth", "1",
              "--steps", "4", "--log-every", "2", "--tuner", "constant",
-             "--lr", "0.5", "--sharpness-every", "2", "--sharpness-iters",
+             "--base", "adam", "--lr", "0.01", "--sharpness-every", "2",
+             "--sharpness-iters",
              "300", "--spectrum-every", "2", "--spectrum-subset", "64",
              "--spectrum-chunk", "24", "--spectrum-top-k", "2",
              "--spectrum-iters", "12", "--spectrum-density-probes", "2",
@@ -180,7 +181,7 @@ def test_train_spectrum_writes_metrics_and_spectrum_file(tmp_path, capsys):
     assert len(line["density_nodes"][0]) == 12
     assert all(abs(sum(w) - 1) < 1e-4 for w in line["density_weights"])
     # The subset is the whole training set, as the sharpness probe is: the
-    # top eigenvalue (Lanczos on 24 + 24 + 16 examples) is the sharpness
-    # (power iteration on one batch).
+    # top eigenvalue of Adam's preconditioned Hessian (Lanczos on 24 + 24 +
+    # 16 examples) is the sharpness (power iteration on one batch).
     assert top[0] == pytest.approx(record["sharpness"], rel=1e-2)
   assert lines[0]["settings"]["chunk"] == 24
