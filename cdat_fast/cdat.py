@@ -235,10 +235,14 @@ def cdat(
   step). ``curvature=`` takes an estimator from :mod:`cdat_fast.estimators`
   or a name:
 
-  * ``estimators.subbatch(1/16)``: the exact curvature on every 16th row of
-    the batch, the numerator on all of it. The recommended fast mode
-    (``docs/curvature.md``: the figures behind it); ``inner=
-    estimators.gauss_newton()`` makes it cheaper still.
+  * ``estimators.subbatch(1/16, inner=estimators.gauss_newton())``: the
+    Gauss–Newton curvature on every 16th row of the batch, the numerator on
+    all of it; the recommended fast mode (``docs/curvature.md`` has the
+    figures behind it: within exact CDAT's final loss on four problems).
+    ``update`` then takes ``model_fn=`` and ``loss_fn=`` and the batch as a
+    keyword argument. With only ``value_fn``, ``estimators.subbatch(1/4)``
+    (the exact curvature on every 4th row) is the safe choice; smaller
+    fractions of small batches are noisy.
   * ``"gauss_newton"``: ``(Ju)ᵀ∇²ℓ(z)(Ju)``, first-order forward mode
     through the model; ``update`` then takes ``model_fn=`` (parameters to
     outputs) and ``loss_fn=`` (outputs to a scalar) instead of ``value_fn``.

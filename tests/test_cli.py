@@ -185,3 +185,14 @@ def test_train_spectrum_writes_metrics_and_spectrum_file(tmp_path, capsys):
     # 16 examples) is the sharpness (power iteration on one batch).
     assert top[0] == pytest.approx(record["sharpness"], rel=1e-2)
   assert lines[0]["settings"]["chunk"] == 24
+
+
+@pytest.mark.parametrize("argv, curvature", [
+    ([], "exact"), (["--curvature-batch", "100"], "gauss_newton"),
+    (["--curvature-batch", "100", "--curvature", "exact"], "exact"),
+    (["--curvature", "secant"], "secant")])
+def test_curvature_default_follows_the_curvature_batch(argv, curvature):
+  # --curvature-batch alone is the recommended fast mode: Gauss–Newton on a
+  # sub-batch (docs/curvature.md).
+  args = build_parser().parse_args(["train", *argv])
+  assert _configs_from_args(args).optimizer.curvature == curvature

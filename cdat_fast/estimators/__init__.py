@@ -8,7 +8,9 @@ costs is measured in ``docs/curvature.md``.
 
 =====================  ========================================================
 :func:`exact`          a jvp of a jvp every step: the reference
-:func:`subbatch`       an inner estimator on every ``m``-th row of the batch
+:func:`subbatch`       an inner estimator on every ``m``-th row of the batch;
+                       ``subbatch(1/16, inner=gauss_newton())`` is the
+                       recommended fast mode
 :func:`gauss_newton`   ``(Ju)ᵀ∇²ℓ(Ju)``: first-order forward mode through the
                        model
 :func:`every`          an inner estimator every ``k`` steps, held between, with

@@ -112,8 +112,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--scale", type=_float, default=2.0, help="CDAT σ")
   g.add_argument("--ema", type=_float, default=0.0, help="CDAT β")
   g.add_argument("--eps", type=_float, default=0.0, help="CDAT ε")
-  g.add_argument("--curvature", default="exact",
-                 help="CDAT curvature estimate: exact (default) or a cheap mode")
+  g.add_argument("--curvature", default=None,
+                 help="CDAT curvature estimate: exact, gauss_newton or secant;"
+                 " default exact, and gauss_newton with --curvature-batch"
+                 " (the recommended fast mode, docs/curvature.md)")
   g.add_argument("--every", type=_positive_int, default=1,
                  help="CDAT: refresh the curvature every k steps")
   g.add_argument("--curvature-batch", type=_positive_int, default=None,
@@ -169,6 +171,8 @@ def _spectrum_monitor(args):
 
 def _configs_from_args(args) -> TrainConfig:
   opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+  if args.curvature is None:  # the figures in docs/curvature.md
+    args.curvature = "gauss_newton" if args.curvature_batch else "exact"
   opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
   from cdat_fast.harness.data import is_text_dataset
   loss = args.loss or ("cross_entropy" if is_text_dataset(args.dataset)
