@@ -98,3 +98,32 @@ def test_value_and_grad_from_value_fn_when_missing():
 def test_bad_hyperparameters(kwargs, name):
   with pytest.raises(ValueError, match=name):
     cdat_fast.backtracking_linesearch(optax.sgd(1.0), **kwargs)
+
+
+@pytest.mark.parametrize("c", [0.0, 1e-4, 0.5])
+def test_relative_decrease_sets_the_accepted_step(c):
+  # f(w) = 20‖w‖² + 40000 at w = (1, 1) along u = -∇f: every term of the
+  # criterion f(w + ηu) ≤ (1 + δ) f(w) + c η ∇fᵀu is known in closed form,
+  # and δ f(w) = 40 is large enough that δ, 2δ and 0 accept different trials
+  # η = 0.9^k (margins of 7 or more against float32 rounding of about 0.004).
+  delta, shrink = 1e-3, 0.9
+  f = lambda w: 20.0 * jnp.sum(w ** 2) + 40000.0
+  w = jnp.ones(2)
+
+  def first_accepted(d):  # float64, from the criterion as written
+    value, slope = 40040.0, -3200.0  # f(w), ∇f(w)ᵀu = -‖∇f(w)‖²
+    for k in range(100):
+      eta = shrink ** k
+      if 40.0 * (1 - 40 * eta) ** 2 + 40000.0 <= (1 + d) * value + (
+          c * eta * slope):
+        return k
+    raise AssertionError("no trial accepted")
+
+  k = first_accepted(delta)
+  assert k != first_accepted(2 * delta) and k != first_accepted(0.0)
+  opt = cdat_fast.backtracking_linesearch(
+      optax.sgd(1.0), c=c, relative_decrease=delta, decrease_factor=shrink)
+  _, state = opt.update(jax.grad(f)(w), opt.init(w), w, value_fn=f)
+  assert int(optax.tree.get(state, "num_trials")) == k + 1
+  np.testing.assert_allclose(optax.tree.get(state, "learning_rate"),
+                             shrink ** k, rtol=1e-6)
