@@ -178,7 +178,7 @@ def test_lowered_for_the_platform_lowered_for(platform, calls, kernel_calls):
 def test_tpu_version_matches_reference(causal, s, blocks):
   # The TPU version, keys streamed a block at a time (grid axis 2) with the
   # online sums in VMEM scratch, under Pallas' TPU interpreter.
-  args = _inputs(10, s=s)
+  args = [a[:1, :2] for a in _inputs(10, s=s)]  # 2 heads: the grid is slow.
   out = attention_jet(*args, causal=causal, block_q=blocks[0],
                       block_k=blocks[1], interpret=pltpu.InterpretParams())
   _assert_close(out, reference(*args, causal=causal), 1e-4, 1e-4)
