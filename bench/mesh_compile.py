@@ -29,8 +29,9 @@ form along the update, its reference).
 Usage::
 
   python bench/mesh_compile.py                      # every target, MLP
-  python bench/mesh_compile.py --targets h100x8 --models mlp,nanolm
-  python bench/mesh_compile.py --json out.json --markdown
+  python bench/mesh_compile.py --targets h100x8 --models nanolm  # ~15 min
+  python bench/mesh_compile.py --markdown --json out.json   # ~6 minutes
+  python bench/mesh_compile.py --from-json out.json --full   # tables again
 
 Figures are compile-time (what XLA emits for the target), not measured on
 the devices. A target whose plugin (jax-cuda12-plugin, libtpu) is missing is
@@ -454,6 +455,55 @@ def table(results: dict, label) -> str:
   return "\n".join(lines)
 
 
+def _kinds(r: dict) -> str:
+  """``AR 2·0.80M, AG 1·0.80M``: count and operand MB per kind present."""
+  return ", ".join(f"{SHORT[k]} {r['count'][k]}·{r['bytes'][k] / 1e6:.2f}M"
+                   for k in KINDS if r["count"][k])
+
+
+def _moves(r: dict) -> str:
+  if "error" in r:
+    return "—"
+  items = sorted({f"{SHORT[k]} {shape}" for k, shape in r["moved_rows"]})
+  return "none" if not items else "; ".join(items)
+
+
+def compact_table(results: dict, m: int) -> str:
+  """Markdown: one row per (target, model, mesh), CDAT against its base."""
+  head = ("| target | model | mesh | base: temp MiB, sent, collectives |"
+          " CDAT: temp MiB, sent, collectives | jvp² sends (of base) |"
+          " CDAT beyond jvp² | rows moved by CDAT |"
+          f" sub/{m}: sent over base | sub/{m}: rows moved |"
+          " GN: sent over base |")
+  lines = [head, "|" + "---|" * 10]
+  for (target, model), meshes in results.items():
+    for spec, steps in meshes.items():
+      base, ref, cdat = (steps.get(v, {}) for v in ("base", "base+jvp²",
+                                                    "cdat"))
+      if not base or "error" in base:
+        continue
+      cell = lambda r: (f"{_mib(r['temp_bytes'])}, {r['sent_bytes']:,},"
+                        f" {_kinds(r)}")
+      if "error" in cdat or "error" in ref:
+        err = (cdat.get("error") or ref.get("error"))[:120]
+        lines.append(f"| {LABELS[target]} | {model} | {spec} | {cell(base)} |"
+                     f" not compiled: {err} | | | | | | |")
+        continue
+      own = ref["sent_bytes"] - base["sent_bytes"]
+      beyond = (f"{cdat['beyond_reference_bytes']:+,} B,"
+                f" {_n(cdat['extra_nonscalar'])} non-scalar")
+      sub = steps.get(f"cdat_sub{m}", {"error": 1})
+      gn = steps.get("cdat_gn", {"error": 1})
+      lines.append(
+          f"| {LABELS[target]} | {model} | {spec} | {cell(base)} |"
+          f" {cell(cdat)} | {own:+,} ({own / base['sent_bytes']:+.0%}) |"
+          f" {beyond} | {_moves(cdat)} |"
+          f" {'—' if 'error' in sub else format(sub['extra_sent'], '+,')} |"
+          f" {_moves(sub)} |"
+          f" {'—' if 'error' in gn else format(gn['extra_sent'], '+,')} |")
+  return "\n".join(lines)
+
+
 def summary_lines(results: dict, m: int) -> list[str]:
   """The jvp-of-jvp's own collectives against the base step's, per mesh."""
   out = []
@@ -485,7 +535,7 @@ def _parse_args(argv):
   p.add_argument("--targets", default=",".join(TARGETS))
   p.add_argument("--models", default="mlp",
                  help="mlp and/or nanolm (the paper's NanoLM, T=64)")
-  p.add_argument("--fused", choices=("yes", "no", "both"), default="yes",
+  p.add_argument("--fused", choices=("yes", "no", "both"), default="both",
                  help="the models' fused layers (cdat_fast.nn); the cpu8"
                  " target always runs the plain layers")
   p.add_argument("--batch", type=int, default=1536, help="MLP global batch")
@@ -495,7 +545,12 @@ def _parse_args(argv):
   p.add_argument("--variants", default=None,
                  help="comma-separated subset of the variants")
   p.add_argument("--json", default=None, help="write the results here")
-  p.add_argument("--markdown", action="store_true")
+  p.add_argument("--markdown", action="store_true",
+                 help="one table row per target, model and mesh")
+  p.add_argument("--full", action="store_true",
+                 help="a table per target and model, a row per step")
+  p.add_argument("--from-json", default=None,
+                 help="print the tables of an earlier --json run")
   return p.parse_args(argv)
 
 
@@ -507,6 +562,15 @@ def main(argv=None) -> int:
               f"cdat_sub{m}_pinned", "base+gn", "cdat_gn"]
   if args.variants:
     variants = [v for v in variants if v in args.variants.split(",")]
+  if args.from_json:
+    with open(args.from_json) as f:
+      results = {tuple(k.split("|")): v for k, v in json.load(f).items()}
+    results = {k: v for k, v in results.items() if k[1] != "-"}
+    print(compact_table(results, m) + "\n")
+    if args.full:
+      for (target, model), meshes in results.items():
+        print(table(meshes, f"{LABELS[target]}, {model}") + "\n")
+    return 0
   fused_list = {"yes": [True], "no": [False], "both": [False, True]}[args.fused]
   results, problems = {}, {}
   t_start = time.perf_counter()
@@ -541,8 +605,10 @@ def main(argv=None) -> int:
             print(f"  {v}: {steps[v]['error']}", flush=True)
   print()
   if args.markdown:
+    print(compact_table(results, m))
+    print()
+  if args.full:
     for (target, model), meshes in results.items():
-      n = TARGETS[target]
       print(table(meshes, f"{LABELS[target]}, {model}"))
       print()
   for line in summary_lines(results, m):
