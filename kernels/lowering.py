@@ -35,7 +35,6 @@ extra).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -117,8 +116,11 @@ def _kernel_abstract_eval(*avals, jaxpr, versions):
 
 @_kernel_p.def_impl
 def _kernel_impl(*args, jaxpr, versions):
-  return jax.jit(functools.partial(_kernel_p.bind, jaxpr=jaxpr,
-                                   versions=versions))(*args)
+  # Outside jit (jax.disable_jit()): the version of the default backend.
+  platform = jax.default_backend()
+  if platform == "cpu":
+    return jax.extend.core.jaxpr_as_fun(jaxpr)(*args)
+  return versions.make("cuda" if platform == "gpu" else platform)(*args)
 
 
 def _kernel_lowering(platform: str):

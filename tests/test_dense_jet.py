@@ -142,3 +142,12 @@ def test_exported_for_several_platforms_runs_on_cpu():
   assert text.count("custom_call @tpu_custom_call(") == 1
   _assert_close(exported.call(*args), dense_jet_reference(*args), rtol=1e-5,
                 atol=1e-5)
+
+
+def test_runs_outside_jit():
+  # Under jax.disable_jit() the per-platform call evaluates the version of
+  # the default backend (here the interpreter) instead of staging it out.
+  args = _inputs(11)
+  with jax.disable_jit():
+    out = dense_jet(*args)
+  _assert_close(out, dense_jet_reference(*args), rtol=1e-5, atol=1e-5)
