@@ -52,6 +52,7 @@ from cdat_fast import checks
 from cdat_fast.estimators import interface
 from cdat_fast.estimators.exact import exact
 from cdat_fast.estimators.interface import CurvatureEstimator, Estimate
+from cdat_fast.tuned import scalar_dtype
 from cdat_fast.estimators.secant import (StepMemory, current_value,
                                          empty_memory, remembered_secant)
 
@@ -174,7 +175,7 @@ def every(
   bounded = not _is_inf(max_growth)
 
   def init(params):
-    dtype = interface.scalar_dtype(params)
+    dtype = scalar_dtype(params)
     zero, izero = jnp.zeros([], dtype), jnp.zeros([], jnp.int32)
     return EveryState(zero, zero, izero, jnp.full([], _NEVER, jnp.int32),
                       izero, empty_memory(dtype), inner.init(params))

@@ -16,10 +16,8 @@ against it. Measurements: ``docs/curvature.md``.
 """
 from __future__ import annotations
 
-import optax
-
 from cdat_fast.curvature import directional_derivatives
-from cdat_fast.estimators.interface import CurvatureEstimator, Estimate
+from cdat_fast.estimators.interface import CurvatureEstimator, stateless
 
 
 def exact() -> CurvatureEstimator:
@@ -31,16 +29,5 @@ def exact() -> CurvatureEstimator:
     A :class:`~cdat_fast.estimators.CurvatureEstimator` with
     ``optax.EmptyState`` as its state.
   """
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(state, params, direction, objective, *, slope=None, value=None,
-             learning_rate=None):
-    del value, learning_rate
-    f, measured_slope, curvature = directional_derivatives(
-        objective.value(), params, direction)
-    return Estimate(f, measured_slope if slope is None else slope,
-                    curvature), state
-
-  return CurvatureEstimator(init, update)
+  return stateless(lambda params, direction, objective: directional_derivatives(
+      objective.value(), params, direction))

@@ -28,11 +28,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import optax
 
 from cdat_fast import treemath
 from cdat_fast.curvature import directional_derivatives
-from cdat_fast.estimators.interface import CurvatureEstimator, Estimate
+from cdat_fast.estimators.interface import CurvatureEstimator, stateless
 
 PyTree = Any
 
@@ -82,17 +81,8 @@ def gauss_newton() -> CurvatureEstimator:
     A :class:`~cdat_fast.estimators.CurvatureEstimator` with
     ``optax.EmptyState`` as its state.
   """
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(state, params, direction, objective, *, slope=None, value=None,
-             learning_rate=None):
-    del value, learning_rate
+  def measure(params, direction, objective):
     model, loss = objective.model_and_loss()
-    f, measured_slope, curvature = gauss_newton_derivatives(
-        model, loss, params, direction)
-    return Estimate(f, measured_slope if slope is None else slope,
-                    curvature), state
+    return gauss_newton_derivatives(model, loss, params, direction)
 
-  return CurvatureEstimator(init, update)
+  return stateless(measure)

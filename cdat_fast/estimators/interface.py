@@ -33,10 +33,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from cdat_fast import treemath
 from cdat_fast.objective import bind_objective, value_fn_kwargs
-from cdat_fast.tuned import scalar_dtype  # re-exported for the estimators
 
 PyTree = Any
 
@@ -114,6 +114,28 @@ class Objective:
   def with_args(self, extra_args: dict[str, Any]) -> Objective:
     """The same functions with other extra arguments."""
     return dataclasses.replace(self, extra_args=dict(extra_args))
+
+
+def stateless(measure: Callable[[PyTree, PyTree, Objective],
+                                tuple[jax.Array, jax.Array, jax.Array]]
+              ) -> CurvatureEstimator:
+  """An estimator without state from ``measure(params, u, objective)``.
+
+  ``measure`` returns ``(f(w), ∂f(w)[u], curvature)``; a slope given by the
+  caller replaces the measured one.
+  """
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(state, params, direction, objective, *, slope=None, value=None,
+             learning_rate=None):
+    del value, learning_rate
+    f, measured_slope, curvature = measure(params, direction, objective)
+    return Estimate(f, measured_slope if slope is None else slope,
+                    curvature), state
+
+  return CurvatureEstimator(init, update)
 
 
 def scalar(x, dtype) -> jax.Array:

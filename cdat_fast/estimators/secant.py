@@ -33,6 +33,7 @@ from cdat_fast import checks
 from cdat_fast.estimators import interface
 from cdat_fast.estimators.exact import exact
 from cdat_fast.estimators.interface import CurvatureEstimator, Estimate
+from cdat_fast.tuned import scalar_dtype
 
 
 class StepMemory(NamedTuple):
@@ -127,7 +128,7 @@ def secant(ema: jax.typing.ArrayLike = 0.9,
   fallback = exact() if fallback is None else fallback
 
   def init(params):
-    dtype = interface.scalar_dtype(params)
+    dtype = scalar_dtype(params)
     return SecantState(jnp.zeros([], dtype), jnp.zeros([], jnp.int32),
                        empty_memory(dtype), fallback.init(params))
 
