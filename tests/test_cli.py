@@ -87,11 +87,16 @@ def test_select_best_picks_lowest_final_loss_and_flags_edges():
 def test_sweep_runs_grid_and_warns_on_edge(tmp_path, capsys):
   rc = main(["sweep", "--subset", "64", "--width", "8", "--depth", "1",
              "--steps", "4", "--log-every", "4", "--tuner", "constant",
-             "--lr", "0.01", "--lr-exponents", "0", "1", "--out",
-             str(tmp_path)])
+             "--lr", "0.01", "--lr-exponents", "0", "1", "--seeds", "2",
+             "--out", str(tmp_path)])
   assert rc == 0
   data = json.loads((tmp_path / "sweep.json").read_text())
-  assert len(data["rows"]) == 2
+  assert len(data["rows"]) == 2 and data["seeds"] == 2
+  for row in data["rows"]:
+    assert row["seeds"] == 2
+    assert row["final_loss_min"] <= row["final_loss"] <= row["final_loss_max"]
+    for seed in (0, 1):
+      assert (tmp_path / row["dir"] / f"seed={seed}" / "summary.json").is_file()
   # Tiny learning rates on a short run: the larger one wins, on the edge.
   assert data["best"][0]["best"]["learning_rate"] == pytest.approx(0.02)
   assert "edge" in capsys.readouterr().err
@@ -196,3 +201,134 @@ def test_curvature_default_follows_the_curvature_batch(argv, curvature):
   # sub-batch (docs/curvature.md).
   args = build_parser().parse_args(["train", *argv])
   assert _configs_from_args(args).optimizer.curvature == curvature
+
+
+# -- seeds, spread, tuned grids, the comparison ---------------------------------
+
+from cdat_fast.harness import experiments  # noqa: E402
+from cdat_fast.harness.config import TrainConfig  # noqa: E402
+
+
+def test_spread_and_its_format():
+  row = experiments.spread([0.3, 0.1, 0.2])
+  assert row == {"final_loss": pytest.approx(0.2), "final_loss_min": 0.1,
+                 "final_loss_max": 0.3, "num_diverged": 0, "seeds": 3}
+  assert experiments.format_spread(row) == "0.2 [0.1–0.3]"
+  bad = experiments.spread([0.1, math.inf])
+  assert math.isinf(bad["final_loss"]) and bad["num_diverged"] == 1
+  assert experiments.format_spread(bad).startswith("diverged 1/2")
+  assert experiments.format_spread(experiments.spread([0.25])) == "0.25"
+  with pytest.raises(ValueError, match="no runs"):
+    experiments.spread([])
+
+
+class _FakeTrainer:
+  """Stands in for Trainer: the final loss is a table of (config, seed)."""
+  calls: list = []
+
+  def __init__(self, cfg, dataset=None):
+    self.cfg, self.dataset = cfg, "data"
+
+  def run(self, where, progress=False, echo=None):
+    o = self.cfg.optimizer
+    type(self).calls.append((o.tuner, o.schedule, o.learning_rate,
+                             o.warmup_fraction, self.cfg.seed, where))
+    loss = self.losses(o, self.cfg.seed)
+    return type("R", (), {"summary": {
+        "final_loss": loss, "status": "ok" if math.isfinite(loss)
+        else "diverged", "final_learning_rate": o.learning_rate,
+        "seconds": 0.5}})()
+
+  @staticmethod
+  def losses(o, seed):
+    if o.tuner != "constant":
+      return 0.05 + 0.01 * seed
+    if o.schedule == "constant":
+      # lr 0.1: best seed but worse mean; lr 0.2: best mean; 0.4 diverges
+      # at one seed.
+      return {0.1: [0.01, 0.9], 0.2: [0.3, 0.3],
+              0.4: [0.2, math.inf]}[o.learning_rate][seed]
+    # Schedules: the best peak is the grid's largest, warm-up 0.1 best.
+    return 1.0 / o.learning_rate + abs(o.warmup_fraction - 0.1)
+
+
+def test_compare_tunes_by_the_mean_and_flags_edges(tmp_path):
+  _FakeTrainer.calls = []
+  runner = experiments.SeedRunner(2, tmp_path, trainer=_FakeTrainer)
+  entries = experiments.compare(
+      runner, TrainConfig(), learning_rates=[0.1, 0.2, 0.4],
+      schedules=("warmup_constant", "warmup_cosine"),
+      warmup_fractions=(0.05, 0.1, 0.2), horizon_fractions=(1.0, 0.5),
+      tuners=[("cdat_2", dict(tuner="cdat", scale=2.0))])
+  by_label = {e.label: e for e in entries}
+  assert list(by_label) == ["constant", "warmup_constant", "warmup_cosine",
+                            "cdat_2"]
+  const = by_label["constant"]
+  # The mean picks 0.2 (0.3, 0.3), not 0.1 (whose best seed is 0.01).
+  assert const.row["learning_rate"] == 0.2 and const.edges == []
+  assert const.row["final_loss_min"] == const.row["final_loss_max"] == 0.3
+  assert [r["num_diverged"] for r in const.grid] == [0, 0, 1]
+  cosine = by_label["warmup_cosine"]
+  assert cosine.row["learning_rate"] == 0.4  # on the edge: flagged
+  assert cosine.row["warmup_fraction"] == 0.1
+  assert cosine.edges == ["learning_rate", "horizon_fraction"]
+  assert len(cosine.grid) == 3 * 3 * 2  # lr × warm-up × horizon
+  assert len(by_label["warmup_constant"].grid) == 3 * 3  # no horizon axis
+  assert by_label["cdat_2"].row["final_loss"] == pytest.approx(0.055)
+  # Every configuration ran with seeds 0 and 1, each in its own directory.
+  seeds = {(c[:4], c[4]) for c in _FakeTrainer.calls}
+  assert {s for _, s in seeds} == {0, 1}
+  assert len(_FakeTrainer.calls) == 2 * (3 + 9 + 18 + 1)
+  assert (_FakeTrainer.calls[0][5] ==
+          tmp_path / "constant_learning_rate=0.1" / "seed=0")
+  lines = experiments.format_table(entries, 2)
+  assert "mean [min–max] of 2" in lines[0]
+  assert any("0.3 [0.3–0.3]" in line and "learning_rate 0.2" in line
+             for line in lines)
+  assert any(line.startswith("warmup_cosine") and "(edge: learning_rate"
+             in line for line in lines)
+
+
+def test_seed_runner_rejects_bad_seeds():
+  with pytest.raises(ValueError, match="seeds"):
+    experiments.SeedRunner(0)
+
+
+def test_compare_command_with_seeds(tmp_path, capsys):
+  rc = main(["compare", "--subset", "64", "--width", "8", "--depth", "1",
+             "--steps", "4", "--log-every", "4", "--lr", "0.1",
+             "--lr-exponents", "0", "0", "--schedules", "warmup_cosine",
+             "--warmup-fractions", "0.1", "--variants", "cdat_2",
+             "--seeds", "2", "--out", str(tmp_path)])
+  assert rc == 0, capsys.readouterr().err
+  text = capsys.readouterr().out
+  assert "mean [min–max] of 2" in text
+  data = json.loads((tmp_path / "compare.json").read_text())
+  assert [row["label"] for row in data["table"]] == [
+      "constant", "warmup_cosine", "cdat_2"]
+  for row in data["table"]:
+    assert row["seeds"] == 2
+    assert row["final_loss_min"] <= row["final_loss"] <= row["final_loss_max"]
+  # The seeds differ (initialisation), so the spread is not a point.
+  assert data["table"][0]["final_loss_min"] < data["table"][0][
+      "final_loss_max"]
+  for seed in (0, 1):
+    assert (tmp_path / "cdat_2" / f"seed={seed}" / "summary.json").is_file()
+  assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["compare", "--schedules", "warmup_square"], "--schedules"),
+    (["compare", "--variants", "adamw"], "--variants"),
+    (["compare", "--warmup-fractions", "1.5"], "--warmup-fractions"),
+    (["compare", "--horizon-fractions", "0"], "--horizon-fractions"),
+    (["sweep", "--seeds", "0"], "--seeds"),
+])
+def test_compare_and_sweep_flags_are_validated(argv, flag, capsys):
+  try:
+    rc = main([*argv, "--subset", "64", "--steps", "2"])
+  except SystemExit as e:
+    rc = e.code
+  assert rc == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and flag in err

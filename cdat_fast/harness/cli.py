@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdat_fast.harness.config import TrainConfig, config_from_dict
+# The sweep's selection rule (by the mean over seeds); importable from here.
+from cdat_fast.harness.experiments import select_best  # noqa: F401
 from cdat_fast.harness.optimizers import BASES, SCHEDULES, TUNERS, OptimizerConfig
 
 EXIT_USAGE = 2
@@ -169,6 +171,14 @@ def _spectrum_monitor(args):
   return SpectrumMonitor(cfg, args.out, append=bool(args.resume))
 
 
+def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+                 help="run every configuration with seeds --seed .. --seed+N-1"
+                 " (initialisation and batch order; the data subset is drawn"
+                 " once with --seed); tables report the mean and min–max, and"
+                 " grids are tuned by the mean")
+
+
 def _configs_from_args(args) -> TrainConfig:
   opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
   if args.curvature is None:  # the figures in docs/curvature.md
@@ -283,30 +293,6 @@ def cmd_train(args) -> int:
 
 # -- sweep --------------------------------------------------------------------
 
-def select_best(rows: list[dict[str, Any]], axes: dict[str, list]
-                ) -> tuple[dict[str, Any], list[str]]:
-  """The row with the lowest final loss, and the axes on whose edge it sits.
-
-  ``final_loss`` is the mean train loss over the last 5 iterates (paper
-  appendix C.3); diverged runs count as ``inf``. An axis with more than one
-  value whose best value is its smallest or largest is reported, since the
-  optimum may lie outside the grid.
-  """
-  if not rows:
-    raise ValueError("select_best: no runs")
-  finite = [r for r in rows if math.isfinite(r["final_loss"])]
-  if not finite:
-    raise ValueError("every run of the sweep diverged")
-  best = min(finite, key=lambda r: r["final_loss"])
-  edges = []
-  for name, values in axes.items():
-    vals = sorted(v for v in values if v is not None)
-    if len(vals) > 1 and best[name] is not None and best[name] in (vals[0],
-                                                                   vals[-1]):
-      edges.append(name)
-  return best, edges
-
-
 def _lr_grid(args) -> list[float]:
   lo, hi = args.lr_exponents
   if lo > hi:
@@ -315,7 +301,7 @@ def _lr_grid(args) -> list[float]:
 
 
 def cmd_sweep(args) -> int:
-  from cdat_fast.harness.train import Trainer
+  from cdat_fast.harness.experiments import SeedRunner, tune
   base_cfg = _configs_from_args(args)
   axes: dict[str, list] = {
       "learning_rate": _lr_grid(args) if args.tuner in (
@@ -328,27 +314,18 @@ def cmd_sweep(args) -> int:
     if not 0 <= e < 1:
       raise CLIError(f"--emas: ema must be in [0, 1), got {e}")
   out = Path(args.out) if args.out else None
-  rows = []
-  dataset = None
   names = list(axes)
-  for values in itertools.product(*axes.values()):
-    point = dict(zip(names, values))
-    opt = dataclasses.replace(base_cfg.optimizer,
-                              learning_rate=point["learning_rate"],
-                              scale=point["scale"], ema=point["ema"])
-    cfg = dataclasses.replace(base_cfg, optimizer=opt,
-                              batch_size=point["batch_size"])
-    tag = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in point.items() if len(axes[k]) > 1) or "run"
-    trainer = Trainer(cfg, dataset=dataset)
-    dataset = trainer.dataset
-    result = trainer.run(out / tag if out else None, progress=False, echo=None)
-    row = {**point, "final_loss": result.summary["final_loss"],
-           "status": result.summary["status"], "dir": tag}
-    rows.append(row)
-    print(_format_row(row, names), flush=True)
+
+  def make_cfg(learning_rate, scale, ema, batch_size):
+    opt = dataclasses.replace(base_cfg.optimizer, learning_rate=learning_rate,
+                              scale=scale, ema=ema)
+    return dataclasses.replace(base_cfg, optimizer=opt, batch_size=batch_size)
+
+  rows = tune(SeedRunner(args.seeds, out), "", make_cfg, axes,
+              on_row=lambda r: print(_format_row(r, names), flush=True)).rows
   # The batch size is a setting, not a hyperparameter to tune: pick the best
-  # per batch size (the paper's Fig. 7 compares the best scale across them).
+  # per batch size (the paper's Fig. 7 compares the best scale across them),
+  # by the mean over seeds.
   tuned_axes = {k: v for k, v in axes.items() if k != "batch_size"}
   bests = []
   for bs in axes["batch_size"]:
@@ -366,24 +343,29 @@ def cmd_sweep(args) -> int:
   if out:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(
-        {"rows": rows, "best": bests}, indent=2, default=str) + "\n")
+        {"seeds": args.seeds, "rows": rows, "best": bests}, indent=2,
+        default=str) + "\n")
     _plot_sweep(rows, axes, out / "sweep.png")
     print(f"wrote {out}/sweep.json and sweep.png")
   return 0
 
 
 def _format_row(row, names) -> str:
+  from cdat_fast.harness.experiments import format_spread
   parts = []
   for k in names:
     v = row[k]
     parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-  loss = row["final_loss"]
-  parts.append(f"final_loss={loss:.5g}" if math.isfinite(loss)
-               else "final_loss=diverged")
+  parts.append(f"final_loss={format_spread(row)}")
   return "  ".join(parts)
 
 
+def _finite_or_nan(x):
+  return x if math.isfinite(x) else float("nan")
+
+
 def _plot_sweep(rows, axes, path):
+  """Final loss along the longest axis: the mean, and min–max over seeds."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -396,10 +378,13 @@ def _plot_sweep(rows, axes, path):
   for key, rs in groups.items():
     rs = sorted(rs, key=lambda r: (r[x_axis] is None, r[x_axis] or 0))
     xs = [r[x_axis] if r[x_axis] is not None else float("nan") for r in rs]
-    ys = [r["final_loss"] if math.isfinite(r["final_loss"]) else float("nan")
-          for r in rs]
+    ys = [_finite_or_nan(r["final_loss"]) for r in rs]
     label = ", ".join(f"{k}={v}" for k, v in zip(others, key)) or None
-    ax.plot(xs, ys, marker="o", label=label)
+    line, = ax.plot(xs, ys, marker="o", label=label)
+    if any(r.get("seeds", 1) > 1 for r in rs):
+      ax.fill_between(xs, [_finite_or_nan(r["final_loss_min"]) for r in rs],
+                      [_finite_or_nan(r["final_loss_max"]) for r in rs],
+                      color=line.get_color(), alpha=0.2, lw=0)
   ax.set(xlabel=x_axis, ylabel="final train loss", yscale="log")
   if x_axis == "learning_rate":
     ax.set_xscale("log", base=2)
@@ -413,7 +398,7 @@ def _plot_sweep(rows, axes, path):
 # -- compare ------------------------------------------------------------------
 
 def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
-  """The paper's Fig. 1/5 line-up on one setting."""
+  """The tuners of the paper's Fig. 1/5 line-up on one setting."""
   v = [("linesearch", dict(tuner="linesearch")),
        ("quadratic_greedy", dict(tuner="quadratic_greedy")),
        ("cdat_2", dict(tuner="cdat", scale=2.0)),
@@ -425,53 +410,67 @@ def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
   return v
 
 
+def _choose(text: str | None, valid: Sequence[str], flag: str) -> list[str]:
+  """A comma-separated selection among ``valid`` (None: all; "none": none)."""
+  if text is None:
+    return list(valid)
+  names = [t.strip() for t in text.split(",") if t.strip()]
+  if names == ["none"]:
+    return []
+  unknown = [n for n in names if n not in valid]
+  if unknown or not names:
+    raise CLIError(f"{flag}: unknown {', '.join(unknown) or 'empty list'};"
+                   f" choose from {', '.join(valid)} or none")
+  return names
+
+
+def _fractions(values: list[float], flag: str, low_open: bool) -> list[float]:
+  for v in values:
+    if not (0 < v <= 1 if low_open else 0 <= v <= 1):
+      raise CLIError(f"{flag} must be in {'(0' if low_open else '[0'}, 1],"
+                     f" got {v:g}")
+  if not values:
+    raise CLIError(f"{flag}: empty list")
+  return values
+
+
 def cmd_compare(args) -> int:
+  from cdat_fast.harness import experiments
   from cdat_fast.harness.plots import plot_runs
-  from cdat_fast.harness.train import Trainer
   base_cfg = _configs_from_args(args)
   out = Path(args.out) if args.out else Path("runs/compare")
-  dataset = None
-  results = []
-
-  def run(name, cfg):
-    nonlocal dataset
-    trainer = Trainer(cfg, dataset=dataset)
-    dataset = trainer.dataset
-    r = trainer.run(out / name, progress=False, echo=None)
-    results.append((name, cfg, r.summary))
-    return r.summary
-
-  # Tuned constant learning rate on a log2 grid around --lr.
-  best_const = None
-  for lr in _lr_grid(args):
-    opt = dataclasses.replace(base_cfg.optimizer, tuner="constant",
-                              learning_rate=lr, schedule="constant")
-    s = run(f"constant_lr={lr:g}", dataclasses.replace(base_cfg, optimizer=opt))
-    if math.isfinite(s["final_loss"]) and (
-        best_const is None or s["final_loss"] < best_const[1]):
-      best_const = (lr, s["final_loss"])
-  for name, kw in compare_variants(args):
-    opt = dataclasses.replace(base_cfg.optimizer, **kw)
-    run(name, dataclasses.replace(base_cfg, optimizer=opt))
-  print(f"{'variant':<24} {'final loss':>12} {'final lr':>10} {'time s':>8}")
-  shown = []
-  for name, cfg, s in results:
-    if name.startswith("constant_") and (
-        best_const is None or cfg.optimizer.learning_rate != best_const[0]):
-      continue
-    label = f"constant (best lr {best_const[0]:g})" if name.startswith(
-        "constant_") else name
-    loss = (f"{s['final_loss']:.5g}" if s["status"] == "ok"
-            and math.isfinite(s["final_loss"]) else "diverged")
-    lr = s["final_learning_rate"]
-    print(f"{label:<24} {loss:>12} {lr if lr is None else f'{lr:.4g}':>10}"
-          f" {s['seconds']:>8.1f}")
-    shown.append((out / name, label))
-  plot_runs([d for d, _ in shown], out / "compare.png",
-            labels=[lbl for _, lbl in shown])
+  tuners = dict(compare_variants(args))
+  chosen = _choose(args.variants, list(tuners), "--variants")
+  entries = experiments.compare(
+      experiments.SeedRunner(args.seeds, out), base_cfg,
+      learning_rates=_lr_grid(args),
+      schedules=_choose(args.schedules, experiments.SCHEDULE_SHAPES,
+                        "--schedules"),
+      warmup_fractions=_fractions(args.warmup_fractions,
+                                  "--warmup-fractions", False),
+      horizon_fractions=_fractions(args.horizon_fractions,
+                                   "--horizon-fractions", True),
+      tuners=[(name, tuners[name]) for name in chosen],
+      on_row=lambda family, row: print(
+          f"{family}: {row['dir']}: {experiments.format_spread(row)}",
+          flush=True))
+  print("\n".join(experiments.format_table(entries, args.seeds)))
+  for e in entries:
+    for name in e.edges:
+      print(f"warning: the best {name} of {e.label} ({e.row[name]:g}) is on"
+            " the edge of its grid; widen the grid", file=sys.stderr)
+  shown = [(e.runs.dirs[0], e.label) for e in entries if e.runs is not None]
+  if shown:
+    plot_runs([d for d, _ in shown], out / "compare.png",
+              labels=[label for _, label in shown])
+  table = [{"label": e.label, "setting": e.setting, "edges": e.edges,
+            **(e.row or {})} for e in entries]
+  grids = {e.label: e.grid for e in entries if e.grid is not None}
+  runs = [{"name": e.runs.name, "dirs": [str(d) for d in e.runs.dirs],
+           "summaries": e.runs.summaries} for e in entries if e.runs]
   (out / "compare.json").write_text(json.dumps(
-      [{"name": n, "summary": s} for n, _, s in results], indent=2,
-      default=str) + "\n")
+      {"seeds": args.seeds, "table": table, "grids": grids, "runs": runs},
+      indent=2, default=str) + "\n")
   print(f"wrote {out}/compare.png and compare.json")
   return 0
 
@@ -540,13 +539,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--emas", type=_float_list, default=None)
   p.add_argument("--batch-sizes", type=_int_list, default=None,
                  help="comma-separated; 'full' for full batch")
+  _add_seeds_arg(p)
   p.add_argument("--out", default=None)
   p.set_defaults(func=cmd_sweep)
 
-  p = sub.add_parser("compare", help="tuned constant vs the tuners (Fig. 1/5)")
+  p = sub.add_parser("compare", help="tuned constant and schedules vs the"
+                     " tuners (Fig. 1/5)")
   _add_run_args(p)
   p.add_argument("--lr-exponents", type=int, nargs=2, default=(-2, 4),
-                 metavar=("LO", "HI"))
+                 metavar=("LO", "HI"), help="lr grid of the constant and the"
+                 " schedules' peak: --lr × 2^i, LO ≤ i ≤ HI")
+  p.add_argument("--schedules", default=None,
+                 help="schedule baselines, comma-separated among"
+                 " warmup_constant, warmup_linear, warmup_cosine (default:"
+                 " all; none: no schedules)")
+  p.add_argument("--warmup-fractions", type=_float_list,
+                 default=[0.05, 0.1, 0.2],
+                 help="the schedules' warm-up fractions (default 0.05,0.1,0.2)")
+  p.add_argument("--horizon-fractions", type=_float_list, default=[1.0],
+                 help="the decaying schedules' horizons as fractions of"
+                 " --steps (default 1; the paper: 1,0.5,0.25)")
+  p.add_argument("--variants", default=None,
+                 help="tuners, comma-separated among linesearch,"
+                 " quadratic_greedy, cdat_2, cdat_2.0625, cdat_2.5, polyak,"
+                 " hypergradient (default: all; none: no tuners)")
+  _add_seeds_arg(p)
   p.add_argument("--out", default=None)
   p.set_defaults(func=cmd_compare)
 

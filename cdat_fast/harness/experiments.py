@@ -1,0 +1,330 @@
+"""Runs over seeds, their spread, grids tuned by the mean, the comparison.
+
+What ``cdat-fast sweep`` and ``cdat-fast compare`` run
+(:mod:`cdat_fast.harness.cli` parses the flags and prints):
+
+* :class:`SeedRunner` runs one configuration with ``seeds`` seeds, ``seed``,
+  ``seed + 1``, ...: the seed sets the initialisation and the minibatch order;
+  the data (and its ``subset``) is loaded once, with the base seed, and shared
+  by every run, so that the seeds vary the optimisation, not the problem.
+* :func:`spread` summarises a variant's final losses (mean over the last 5
+  iterates, paper appendix C.3) over seeds: the mean, the minimum and the
+  maximum; a run that diverged counts as ``inf``, so a variant that diverges
+  at any seed has an infinite mean and ranks last.
+* :func:`tune` runs every point of a grid over seeds and picks the point of
+  lowest *mean* final loss (:func:`select_best`), reporting the axes on whose
+  edge it lies (the optimum may be outside the grid).
+* :func:`compare` is the paper's Fig. 1/5 line-up: the constant learning rate
+  tuned on a log2 grid, the three schedules of appendix C.3 (linear warm-up
+  from 0 then constant, linear decay to 0 or cosine decay to 0 at the
+  horizon), each with its peak learning rate tuned on the same grid and its
+  warm-up fraction on ``{0.05, 0.1, 0.2}`` (and, optionally, the horizon),
+  and the tuners (line search, quadratically greedy, CDAT σ ∈ {2, 2.0625,
+  2.5}, Polyak, hypergradient).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+from cdat_fast.harness.config import TrainConfig
+
+SCHEDULE_SHAPES = ("warmup_constant", "warmup_linear", "warmup_cosine")
+WARMUP_FRACTIONS = (0.05, 0.1, 0.2)
+
+
+def spread(losses: Sequence[float]) -> dict[str, Any]:
+  """Mean, minimum and maximum of final losses over seeds (inf: diverged).
+
+  Returns:
+    ``{"final_loss": mean, "final_loss_min", "final_loss_max",
+    "num_diverged", "seeds"}``.
+  """
+  if not losses:
+    raise ValueError("spread: no runs")
+  values = [float(v) for v in losses]
+  return {"final_loss": math.fsum(values) / len(values)
+                        if all(math.isfinite(v) for v in values) else math.inf,
+          "final_loss_min": min(values), "final_loss_max": max(values),
+          "num_diverged": sum(not math.isfinite(v) for v in values),
+          "seeds": len(values)}
+
+
+def format_spread(row: dict[str, Any]) -> str:
+  """``mean [min–max]``; ``diverged k/N`` when a seed diverged."""
+  n, bad = row.get("seeds", 1), row.get("num_diverged", 0)
+  if bad == n:
+    return "diverged" if n == 1 else f"diverged {n}/{n}"
+  lo, hi = row["final_loss_min"], row["final_loss_max"]
+  if bad:
+    return f"diverged {bad}/{n} (finite: from {lo:.4g})"
+  if n == 1:
+    return f"{row['final_loss']:.5g}"
+  return f"{row['final_loss']:.5g} [{lo:.4g}–{hi:.4g}]"
+
+
+def select_best(rows: list[dict[str, Any]], axes: dict[str, list]
+                ) -> tuple[dict[str, Any], list[str]]:
+  """The row with the lowest final loss, and the axes on whose edge it sits.
+
+  ``final_loss`` is the mean over seeds of the mean train loss over the last
+  5 iterates (paper appendix C.3); diverged runs count as ``inf``. An axis
+  with more than one value whose best value is its smallest or largest is
+  reported, since the optimum may lie outside the grid.
+
+  Raises:
+    ValueError: for no rows, or when every row diverged.
+  """
+  if not rows:
+    raise ValueError("select_best: no runs")
+  finite = [r for r in rows if math.isfinite(r["final_loss"])]
+  if not finite:
+    raise ValueError("every run of the sweep diverged")
+  best = min(finite, key=lambda r: r["final_loss"])
+  edges = []
+  for name, values in axes.items():
+    vals = sorted(v for v in values if v is not None)
+    if len(vals) > 1 and best[name] is not None and best[name] in (vals[0],
+                                                                   vals[-1]):
+      edges.append(name)
+  return best, edges
+
+
+class SeedRuns(NamedTuple):
+  """The runs of one configuration over seeds.
+
+  Attributes:
+    name: the variant's name (its run directory under the output folder).
+    cfg: the configuration (with the base seed).
+    summaries: each seed's run summary.
+    dirs: each seed's run directory (None without an output folder).
+  """
+  name: str
+  cfg: TrainConfig
+  summaries: list[dict[str, Any]]
+  dirs: list[Path | None]
+
+  def stats(self) -> dict[str, Any]:
+    """:func:`spread` of the final losses, with the mean final lr and time."""
+    out = spread([s["final_loss"] for s in self.summaries])
+    lrs = [s["final_learning_rate"] for s in self.summaries
+           if s.get("final_learning_rate") is not None]
+    out["final_learning_rate"] = math.fsum(lrs) / len(lrs) if lrs else None
+    out["seconds"] = math.fsum(s["seconds"] for s in self.summaries) / len(
+        self.summaries)
+    return out
+
+
+class SeedRunner:
+  """Runs configurations over seeds, sharing the loaded data.
+
+  Args:
+    seeds: the number of seeds ``N``; run ``i`` uses ``cfg.seed + i``.
+    out: the output folder: variant ``name`` writes ``out/name`` (one seed)
+      or ``out/name/seed=S`` (several); None writes nothing.
+    dataset: the data, if already loaded.
+    trainer: ``Trainer`` class (the default imports
+      :class:`cdat_fast.harness.train.Trainer`).
+  """
+
+  def __init__(self, seeds: int = 1, out: Path | None = None, *,
+               dataset=None, trainer: Callable | None = None):
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+      raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    self.seeds, self.out, self.dataset = seeds, out, dataset
+    self._trainer = trainer
+
+  def run(self, name: str, cfg: TrainConfig) -> SeedRuns:
+    """Trains ``cfg`` with each seed; returns the runs."""
+    if self._trainer is None:
+      from cdat_fast.harness.train import Trainer  # jax, only when running
+      self._trainer = Trainer
+    summaries, dirs = [], []
+    for i in range(self.seeds):
+      seeded = dataclasses.replace(cfg, seed=cfg.seed + i)
+      where = None
+      if self.out is not None:
+        where = self.out / name
+        if self.seeds > 1:
+          where = where / f"seed={seeded.seed}"
+      trainer = self._trainer(seeded, dataset=self.dataset)
+      self.dataset = trainer.dataset
+      summaries.append(trainer.run(where, progress=False, echo=None).summary)
+      dirs.append(where)
+    return SeedRuns(name, cfg, summaries, dirs)
+
+
+def _tag(point: dict[str, Any], axes: dict[str, list]) -> str:
+  return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in point.items() if len(axes[k]) > 1) or "run"
+
+
+class Tuned(NamedTuple):
+  """A grid run over seeds and its best point.
+
+  Attributes:
+    rows: one per grid point: the point's values, :meth:`SeedRuns.stats`,
+      and ``dir``, its run directory's name.
+    runs: the :class:`SeedRuns` of each row, in order.
+    best: the best row (lowest mean final loss), or None if all diverged.
+    edges: the axes on whose edge the best point lies.
+  """
+  rows: list[dict[str, Any]]
+  runs: list[SeedRuns]
+  best: dict[str, Any] | None
+  edges: list[str]
+
+  def best_runs(self) -> SeedRuns | None:
+    return None if self.best is None else self.runs[self.rows.index(
+        self.best)]
+
+
+def tune(runner: SeedRunner, prefix: str, make_cfg: Callable[..., TrainConfig],
+         axes: dict[str, list], *,
+         on_row: Callable[[dict[str, Any]], None] | None = None) -> Tuned:
+  """Runs ``make_cfg(**point)`` for every point of the grid ``axes``.
+
+  Args:
+    runner: runs each point over seeds.
+    prefix: the run directories are ``prefix + tag`` (the tag names the axes
+      with more than one value: ``learning_rate=0.1_warmup_fraction=0.05``).
+    make_cfg: the configuration of a point.
+    axes: ``{name: values}``; the grid is their product.
+    on_row: called with each row as it is done (to print it).
+
+  Returns:
+    :class:`Tuned`, its best point chosen by the mean over seeds.
+  """
+  names = list(axes)
+  rows, runs = [], []
+  for values in itertools.product(*axes.values()):
+    point = dict(zip(names, values))
+    tag = prefix + _tag(point, axes)
+    seed_runs = runner.run(tag, make_cfg(**point))
+    statuses = {s["status"] for s in seed_runs.summaries}
+    row = {**point, **seed_runs.stats(), "dir": tag,
+           "status": "ok" if statuses == {"ok"} else "diverged"}
+    rows.append(row)
+    runs.append(seed_runs)
+    if on_row is not None:
+      on_row(row)
+  try:
+    best, edges = select_best(rows, axes)
+  except ValueError:
+    best, edges = None, []
+  return Tuned(rows, runs, best, edges)
+
+
+class Entry(NamedTuple):
+  """A line of the comparison table.
+
+  Attributes:
+    label: the variant (``constant``, ``warmup_cosine``, ``cdat_2``, ...).
+    setting: its tuned or fixed hyperparameters, as text.
+    row: :meth:`SeedRuns.stats` of its (best) runs; None if all diverged.
+    runs: those runs; None if all diverged.
+    edges: tuned axes on whose edge the best point lies.
+    grid: the rows of its grid (:attr:`Tuned.rows`); None if not tuned.
+  """
+  label: str
+  setting: str
+  row: dict[str, Any] | None
+  runs: SeedRuns | None
+  edges: list[str]
+  grid: list[dict[str, Any]] | None = None
+
+
+def _tuned_entry(label: str, tuned: Tuned, shown: Sequence[str]) -> Entry:
+  best = tuned.best
+  if best is None:
+    return Entry(label, "every grid point diverged", None, None, [],
+                 tuned.rows)
+  setting = ", ".join(f"{k} {best[k]:g}" for k in shown)
+  return Entry(label, setting, best, tuned.best_runs(), tuned.edges,
+               tuned.rows)
+
+
+def compare(runner: SeedRunner, base: TrainConfig, *,
+            learning_rates: Sequence[float],
+            schedules: Sequence[str] = SCHEDULE_SHAPES,
+            warmup_fractions: Sequence[float] = WARMUP_FRACTIONS,
+            horizon_fractions: Sequence[float] = (1.0,),
+            tuners: Sequence[tuple[str, dict[str, Any]]] = (),
+            on_row: Callable[[str, dict[str, Any]], None] | None = None
+            ) -> list[Entry]:
+  """The comparison line-up over seeds (see the module docstring).
+
+  Args:
+    runner: runs each configuration over seeds.
+    base: the setting (data, model, base optimizer, steps).
+    learning_rates: the grid of the constant learning rate and of the
+      schedules' peak.
+    schedules: the schedule shapes of :data:`SCHEDULE_SHAPES` to run.
+    warmup_fractions: the warm-up fractions of the schedules' grid.
+    horizon_fractions: the horizons of the decaying schedules, as fractions
+      of the number of steps (the paper: 1, 1/2, 1/4).
+    tuners: ``(name, OptimizerConfig overrides)`` of the tuners.
+    on_row: called with ``(family, row)`` as each grid point is done.
+
+  Returns:
+    One :class:`Entry` per variant: the tuned constant, each schedule, each
+    tuner.
+  """
+  def family(name):
+    return None if on_row is None else (lambda row: on_row(name, row))
+
+  def constant(learning_rate):
+    opt = dataclasses.replace(base.optimizer, tuner="constant",
+                              schedule="constant", learning_rate=learning_rate)
+    return dataclasses.replace(base, optimizer=opt)
+
+  entries = [_tuned_entry("constant", tune(
+      runner, "constant_", constant, {"learning_rate": list(learning_rates)},
+      on_row=family("constant")), ["learning_rate"])]
+  for shape in schedules:
+    horizons = [1.0] if shape == "warmup_constant" else list(horizon_fractions)
+
+    def scheduled(learning_rate, warmup_fraction, horizon_fraction,
+                  shape=shape):
+      opt = dataclasses.replace(
+          base.optimizer, tuner="constant", schedule=shape,
+          learning_rate=learning_rate, warmup_fraction=warmup_fraction,
+          horizon_fraction=horizon_fraction)
+      return dataclasses.replace(base, optimizer=opt)
+
+    axes = {"learning_rate": list(learning_rates),
+            "warmup_fraction": list(warmup_fractions),
+            "horizon_fraction": horizons}
+    tuned = tune(runner, f"{shape}_", scheduled, axes, on_row=family(shape))
+    shown = [k for k in axes if len(axes[k]) > 1 or k == "learning_rate"]
+    entries.append(_tuned_entry(shape, tuned, shown))
+  for name, overrides in tuners:
+    opt = dataclasses.replace(base.optimizer, **overrides)
+    runs = runner.run(name, dataclasses.replace(base, optimizer=opt))
+    stats = runs.stats()
+    setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in overrides.items() if k != "tuner")
+    entries.append(Entry(name, setting, stats, runs, []))
+  return entries
+
+
+def format_table(entries: Sequence[Entry], seeds: int) -> list[str]:
+  """The comparison table's lines: final loss as ``mean [min–max]``."""
+  head = ("final loss" if seeds == 1
+          else f"final loss, mean [min–max] of {seeds}")
+  lines = [f"{'variant':<17} {head:<36} {'final lr':>10} {'time s':>7}"
+           "  setting"]
+  for e in entries:
+    if e.row is None:
+      lines.append(f"{e.label:<17} {'diverged':<36} {'-':>10} {'-':>7}"
+                   f"  {e.setting}")
+      continue
+    lr = e.row["final_learning_rate"]
+    lr = "-" if lr is None else f"{lr:.4g}"
+    mark = " (edge: " + ", ".join(e.edges) + ")" if e.edges else ""
+    lines.append(f"{e.label:<17} {format_spread(e.row):<36} {lr:>10}"
+                 f" {e.row['seconds']:>7.1f}  {e.setting}{mark}")
+  return lines
