@@ -185,7 +185,7 @@ def scale_by_cdat(
     n = jnp.maximum(-jnp.asarray(estimate.slope).astype(dtype), 0.0)
     d = (jnp.abs(jnp.asarray(estimate.curvature).astype(dtype))
          + jnp.asarray(eps, dtype))
-    finite = (jnp.isfinite(n) & jnp.isfinite(d)
+    finite = (jnp.isfinite(jnp.asarray(estimate.slope)) & jnp.isfinite(d)
               & jnp.isfinite(jnp.asarray(estimate.value)))
     beta = jnp.asarray(ema, dtype)
     keep = lambda new, old: jnp.where(finite, new, old)
@@ -197,7 +197,10 @@ def scale_by_cdat(
     eta = jnp.where(finite & positive,
                     jnp.asarray(scale, dtype) * numerator / safe_den,
                     jnp.zeros_like(numerator))
-    new_updates, eta, ok = apply_learning_rate(updates, eta)
+    # A finite gᵀu (with g finite) implies a finite u: a NaN or Inf entry of
+    # u makes its term, and so the sum, NaN or ±Inf. That saves a pass over u.
+    new_updates, eta, ok = apply_learning_rate(
+        updates, eta, None if slope is None else jnp.isfinite(slope))
     skipped = ~(finite & positive & ok)
     return new_updates, CDATState(
         count=optax.safe_increment(state.count), learning_rate=eta,

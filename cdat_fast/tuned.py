@@ -86,17 +86,27 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
 
 
 def apply_learning_rate(
-    direction: PyTree, learning_rate: jax.Array
+    direction: PyTree, learning_rate: jax.Array,
+    direction_finite: jax.Array | None = None,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
   """``η · u`` with the guard every tuner uses.
 
   If ``η`` or any entry of ``u`` is not finite, the step is skipped: the
   updates are exactly zero and the learning rate reported is 0.
 
+  Args:
+    direction: ``u``.
+    learning_rate: ``η``.
+    direction_finite: whether every entry of ``u`` is finite, when the caller
+      knows it already (e.g. ``gᵀu`` is finite for a finite ``g``, which
+      implies it); otherwise a pass over ``u`` checks it.
+
   Returns:
     ``(updates, learning rate used, ok)`` where ``ok`` is False on a skip.
   """
-  ok = jnp.logical_and(jnp.isfinite(learning_rate), tree_all_finite(direction))
+  if direction_finite is None:
+    direction_finite = tree_all_finite(direction)
+  ok = jnp.logical_and(jnp.isfinite(learning_rate), direction_finite)
   eta = jnp.where(ok, learning_rate, jnp.zeros_like(learning_rate))
   updates = jax.tree.map(
       lambda u: jnp.where(ok, eta.astype(u.dtype) * u, jnp.zeros_like(u)),

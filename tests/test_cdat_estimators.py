@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import cdat_fast
+from cdat_fast.estimators.interface import first_order_slope
 from problems import flat, random_quadratic, step_fn, tiny_mlp, tiny_net
 
 INF = float("inf")
@@ -186,3 +187,38 @@ def test_missing_value_fn_is_named_in_every_mode():
     opt = cdat_fast.cdat(optax.sgd(1.0), **kw)
     with pytest.raises(TypeError, match="value_fn"):
       opt.update(w, opt.init(w), w)
+
+
+def _constant_curvature(kappa):
+  """An estimator that never looks at u: only the rule can catch a bad u."""
+  def update(state, params, direction, objective, *, slope=None, value=None,
+             learning_rate=None):
+    del value, learning_rate
+    if slope is None:
+      slope = first_order_slope(objective, params, direction)
+    return cdat_fast.estimators.Estimate(jnp.zeros([]), slope,
+                                         jnp.float32(kappa)), state
+  return cdat_fast.estimators.CurvatureEstimator(lambda p: (), update)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+@pytest.mark.parametrize("g0", [1.0, 0.0])
+def test_a_non_finite_direction_is_skipped_whatever_the_estimator(bad, g0):
+  # The base writes a non-finite entry into u (where g is g0): the rule
+  # must skip the step even though the estimator ignores u (gᵀu is then
+  # ±Inf or NaN, whatever the sign).
+  spoil = optax.stateless(lambda u, params: u.at[0].set(bad))
+  opt = cdat_fast.cdat(optax.chain(optax.sgd(1.0), spoil),
+                       curvature=_constant_curvature(2.0))
+  w = jnp.ones(3)
+  g = jnp.asarray([g0, 1.0, 2.0])
+  updates, state = opt.update(g, opt.init(w), w, value_fn=lambda w: 0.0)
+  assert np.all(np.asarray(updates) == 0)
+  assert int(optax.tree.get(state, "num_skipped")) == 1
+  assert float(optax.tree.get(state, "numerator")) == 0.0
+  # Without a gradient the slope comes from the objective, and u is checked.
+  updates, state = cdat_fast.scale_by_cdat(
+      curvature=_constant_curvature(2.0)).update(
+          jnp.asarray([bad, 1.0, 1.0]), opt.init(w).tuner, w,
+          value_fn=lambda w: jnp.sum(w))
+  assert np.all(np.asarray(updates) == 0)
