@@ -203,7 +203,7 @@ def test_curvature_default_follows_the_curvature_batch(argv, curvature):
   assert _configs_from_args(args).optimizer.curvature == curvature
 
 
-# -- seeds, spread, tuned grids, the comparison ---------------------------------
+# -- seeds, spread, tuned grids, the comparison ------------------------------
 
 from cdat_fast.harness import experiments  # noqa: E402
 from cdat_fast.harness.config import TrainConfig  # noqa: E402
