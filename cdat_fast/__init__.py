@@ -5,7 +5,7 @@ Tuners", NeurIPS 2024) and the baselines the paper studies, with exact
 reference curvature and cheaper estimators.
 
 The submodules ``nn``, ``kernels``, ``sharding``, ``theory``, ``estimators``,
-``harness`` and ``curvature`` are attributes of the package, imported on first
+``diagnostics``, ``harness`` and ``curvature`` are attributes of the package, imported on first
 access (``import cdat_fast; cdat_fast.nn.Dense(4)``), so that ``import
 cdat_fast`` stays light (no matplotlib, orbax, scikit-learn or tqdm).
 """
@@ -26,8 +26,8 @@ from cdat_fast.tuned import TunedState, tuned
 __version__ = "0.2.0"
 
 # Imported on first access (PEP 562); see the module docstring.
-_LAZY_SUBMODULES = ("curvature", "estimators", "harness", "kernels", "nn",
-                    "sharding", "theory")
+_LAZY_SUBMODULES = ("curvature", "diagnostics", "estimators", "harness",
+                    "kernels", "nn", "sharding", "theory")
 
 __all__ = [
     "BacktrackingState", "CDATState", "HypergradientState", "PolyakState",

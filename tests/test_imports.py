@@ -27,8 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Source folder -> the package it is installed as.
 PACKAGES = {ROOT / "cdat_fast": "cdat_fast", ROOT / "kernels": "cdat_fast.kernels"}
 HARNESS = "cdat_fast.harness"
-LAZY = ("nn", "kernels", "sharding", "theory", "estimators", "harness",
-        "curvature")
+LAZY = ("nn", "kernels", "sharding", "theory", "estimators", "diagnostics",
+        "harness", "curvature")
 HEAVY = ("matplotlib", "orbax", "sklearn", "tqdm")
 
 
