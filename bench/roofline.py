@@ -1,0 +1,436 @@
+"""Compiled memory and a roofline estimate of CDAT steps, from H100 programs.
+
+Compile-time estimates only (nothing runs): each step is compiled for an H100
+(sm_90, ``tests/accel/targets/h100.txtpb``, the tier's helpers) from this CPU
+host, and ``compiled.as_text()`` is read kernel by kernel. A kernel is every
+instruction of a non-fused computation that launches work: each fusion,
+custom call (cuBLAS gemms, the Pallas/Triton kernels), dot, convolution,
+copy, reduce, etc. (parameters, constants, bitcasts, tuples and
+get-tuple-elements are free). Per kernel:
+
+- bytes = sizes of its operands + its results (each read or written once;
+  an upper bound where a fusion reads a slice, a lower one where a tile is
+  re-read).
+- FLOPs: a dot is 2·(result elements)·(contraction size), also inside
+  fusions; a cuBLAS gemm custom call the same from its
+  ``lhs_contracting_dimensions``. Pallas kernels, from their shapes:
+  ``dense_jet`` (x, W, dx, dW, ddx → y, dy, ddy): 5 matmuls with every
+  tangent present, y = xW, dy = dx·W + x·dW, ddy = ddx·W + 2·dx·dW, each
+  2·M·K·N; with some absent (e.g. the first layer, whose input is data),
+  1 + (tangent operands) + (1 if dx and dW are both there);
+  ``attention_jet`` (9 inputs of B×H×T×D): scores s = qkᵀ and their first
+  and second jets take 1 + 2 + 3 = 6 matmuls, the output p·v and its jets
+  6 more: 12·2·B·H·T²·D, halved for causal masks (NanoLM);
+  ``activation_jet`` 30 FLOPs and ``layer_norm_jet`` 40 FLOPs per output
+  element (memory-bound either way). Elementwise fusions count 0 FLOPs.
+- time = max(FLOPs / peak, bytes / bandwidth) at H200 ceilings: 4.3e12 B/s;
+  peak 790e12 FLOP/s for bf16 dots, and for float32 dots (every model here)
+  the TF32 tensor-core rate an H100 SXM lists, 495e12 FLOP/s (XLA's default
+  float32 matmul precision on Hopper uses TF32); also reported at the
+  non-tensor float32 rate, 67e12.
+
+Summed per program. Kernels inside while loops are counted once per trip
+where XLA records ``known_trip_count`` (the MLP steps have none: checked);
+both branches of a conditional are counted.
+Temporary memory: ``compiled.memory_analysis().temp_size_in_bytes``.
+
+Run (about 5-10 min on the 2-core host):
+
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \\
+    build/accel-venv/bin/python bench/roofline.py --models mlp,nanolm \\
+    --rows 256,1024,2048[,4096] [--kinds] [--json FILE]
+  ... --layers   # one layer's jet, fused vs XLA's jvp-of-jvp
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"
+                       / "accel"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from compile_cases import KERNEL_TARGETS  # noqa: E402
+from conftest import _gpu_target  # noqa: E402
+
+PEAK_BF16 = 790e12
+PEAK_F32 = 495e12  # TF32 tensor cores, H100 SXM
+PEAK_F32_SIMT = 67e12
+BANDWIDTH = 4.3e12
+ELEM_FLOPS = {"activation_jet": 30, "layer_norm_jet": 40}
+ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1,
+            "u8": 1, "pred": 1, "s64": 8, "u64": 8, "f64": 8, "s16": 2,
+            "u16": 2, "token": 0, "f8e4m3fn": 1, "f8e5m2": 1}
+FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple",
+        "while", "call", "conditional", "after-all", "partition-id",
+        "replica-id", "opt-barrier"}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+
+
+def _shapes(text: str):
+  """[(dtype, dims)] of the array types in a type string."""
+  return [(d, tuple(int(x) for x in s.split(",") if x))
+          for d, s in _SHAPE.findall(text) if d in ITEMSIZE]
+
+
+def _bytes(shapes) -> int:
+  return sum(ITEMSIZE[d] * math.prod(s) for d, s in shapes)
+
+
+def _split_type(rest: str):
+  """(type string, remainder) of ``rest`` = 'TYPE opcode(...)...'."""
+  if rest.startswith("("):
+    depth = 0
+    for i, c in enumerate(rest):
+      depth += c == "("
+      depth -= c == ")"
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].lstrip()
+  i = rest.index(" ")
+  return rest[:i], rest[i + 1:]
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  opcode: str
+  result: list
+  operands: list  # names
+  line: str
+
+
+def parse(text: str):
+  """{computation: [Instr]}, the entry's name."""
+  comps, entry, current = {}, None, None
+  for line in text.splitlines():
+    if line.endswith("{") and ("->" in line) and not line.startswith(" "):
+      head = line.split(" (")[0].split()
+      name = head[-1].lstrip("%")
+      if head[0] == "ENTRY":
+        entry = name
+      current = comps.setdefault(name, [])
+      continue
+    m = _INSTR.match(line)
+    if not m or current is None:
+      continue
+    rest = line[m.end():]
+    try:
+      typ, rest = _split_type(rest)
+    except ValueError:
+      continue
+    op = re.match(r"([\w\-]+)\(", rest)
+    if not op:
+      continue
+    opcode = op.group(1)
+    depth, j = 0, op.end() - 1
+    for j in range(op.end() - 1, len(rest)):
+      depth += rest[j] == "("
+      depth -= rest[j] == ")"
+      if depth == 0:
+        break
+    operands = re.findall(r"%([\w.\-]+)", rest[op.end():j])
+    current.append(Instr(m.group(1), opcode, _shapes(typ), operands, line))
+  return comps, entry
+
+
+def _dot_flops(instr: Instr, shapes) -> float:
+  dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.line)
+  lhs = shapes.get(instr.operands[0]) if instr.operands else None
+  if not dims or not lhs:
+    return 0.0
+  k = math.prod(lhs[0][1][int(i)] for i in dims.group(1).split(",") if i)
+  return 2.0 * math.prod(instr.result[0][1]) * k
+
+
+def _gemm_flops(instr: Instr, shapes) -> float:
+  dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.line)
+  lhs = shapes.get(instr.operands[0])
+  if not dims or not lhs:
+    return 0.0
+  k = math.prod(lhs[0][1][int(i.strip('" '))] for i in dims.group(1).split(",")
+                if i.strip('" '))
+  return 2.0 * math.prod(instr.result[0][1]) * k
+
+
+def _pallas_flops(instr: Instr, shapes, causal: bool) -> tuple[str, float]:
+  name = re.search(r'op_name="([^"]*)"', instr.line)
+  name = name.group(1) if name else ""
+  ops = [shapes[o][0] for o in instr.operands if o in shapes]
+  if "dense_jet" in name:
+    # Operands: x, w, then those of dx, dw, ddx present, then the biases.
+    (m, k), (_, n) = ops[0][1], ops[1][1]
+    tangents = [s for _, s in ops[2:] if len(s) == 2 and s[0] != 1]
+    both = len(tangents) == 3 or (
+        len(tangents) == 2 and (tangents[0] == (m, k) and tangents[1] == (k, n)))
+    matmuls = 1 + len(tangents) + both
+    return "dense_jet", matmuls * 2.0 * m * k * n
+  if "attention_jet" in name:
+    *bh, t, d = ops[0][1]
+    return "attention_jet", (12 * 2.0 * math.prod(bh) * t * t * d
+                             * (0.5 if causal else 1.0))
+  for kind, per in ELEM_FLOPS.items():
+    if kind in name:
+      return kind, per * sum(math.prod(s) for _, s in instr.result)
+  return "pallas?", 0.0
+
+
+@dataclasses.dataclass
+class Program:
+  kernels: int = 0
+  pallas: int = 0
+  flops: float = 0.0
+  bytes: float = 0.0
+  time_s: float = 0.0  # bf16/TF32 tensor peak
+  time_simt_s: float = 0.0  # float32 dots at the non-tensor peak
+  floor_flops_s: float = 0.0
+  floor_bytes_s: float = 0.0
+  temp_bytes: int = 0
+  compile_s: float = 0.0
+  by_kind: dict = dataclasses.field(default_factory=dict)
+
+
+def roofline(text: str, causal: bool = False) -> Program:
+  comps, entry = parse(text)
+  shapes = {i.name: i.result for instrs in comps.values() for i in instrs}
+  fused = set()
+  for instrs in comps.values():
+    for i in instrs:
+      if i.opcode == "fusion":
+        fused.update(re.findall(r"calls=%([\w.\-]+)", i.line))
+  # Multiplicities: entry 1, loop bodies × known trip count.
+  mult = {entry: 1}
+  order = [entry]
+  while order:
+    c = order.pop()
+    for i in comps.get(c, []):
+      if i.opcode in ("while", "call", "conditional"):
+        n = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.line)
+        k = int(n.group(1)) if (n and i.opcode == "while") else 1
+        for callee in re.findall(
+            r"(?:body|condition|to_apply|branch_computations=\{)[=]?%([\w.\-]+)",
+            i.line):
+          if callee not in mult:
+            mult[callee] = mult[c] * k
+            order.append(callee)
+  prog = Program()
+  for comp, m in mult.items():
+    for i in comps.get(comp, []):
+      if i.opcode in FREE:
+        continue
+      nbytes = _bytes(i.result) + sum(_bytes(shapes.get(o, []))
+                                      for o in i.operands)
+      kind, flops, bf16 = i.opcode, 0.0, False
+      if i.opcode == "fusion":
+        for callee in re.findall(r"calls=%([\w.\-]+)", i.line):
+          for j in comps.get(callee, []):
+            if j.opcode in ("dot", "convolution"):
+              flops += _dot_flops(j, shapes)
+              bf16 |= j.result[0][0] == "bf16"
+        kind = "fusion (dot)" if flops else "fusion"
+      elif i.opcode == "dot":
+        flops = _dot_flops(i, shapes)
+        bf16 = i.result[0][0] == "bf16"
+      elif i.opcode == "custom-call":
+        if KERNEL_TARGETS["gpu"] in i.line:
+          kind, flops = _pallas_flops(i, shapes, causal)
+          prog.pallas += m
+        elif "cublas" in i.line and "gemm" in i.line:
+          kind, flops = "cublas gemm", _gemm_flops(i, shapes)
+          bf16 = i.result[0][0] == "bf16"
+        else:
+          kind = "custom-call"
+        if kind not in ("cublas gemm",) and i.result and i.result[0][0] == "bf16":
+          bf16 = True
+      peak = PEAK_BF16 if bf16 else PEAK_F32
+      t_f, t_b = flops / peak, nbytes / BANDWIDTH
+      t_simt = max(flops / (PEAK_BF16 if bf16 else PEAK_F32_SIMT), t_b)
+      prog.kernels += m
+      prog.flops += m * flops
+      prog.bytes += m * nbytes
+      prog.time_s += m * max(t_f, t_b)
+      prog.time_simt_s += m * t_simt
+      prog.floor_flops_s += m * t_f
+      prog.floor_bytes_s += m * t_b
+      k = prog.by_kind.setdefault(kind, [0, 0.0, 0.0, 0.0])
+      k[0] += m
+      k[1] += m * flops
+      k[2] += m * nbytes
+      k[3] += m * max(t_f, t_b)
+  return prog
+
+
+def compile_program(fn, args, target) -> Program:
+  sharding = jax.sharding.SingleDeviceSharding(target.device)
+  specs = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      args)
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*specs).compile(
+      compiler_options=target.compiler_options)
+  seconds = time.perf_counter() - start
+  return compiled, seconds
+
+
+def _spec(shape, dtype):
+  return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def model_step(model_name: str, fused: bool, rows: int, mode: str):
+  """(step, args, causal): one step of ``mode`` on a model.
+
+  ``mlp``: 3 hidden layers of 1024 (the tier's), batch ``rows`` of 28×28;
+  ``nanolm``: the paper's NanoLM (6 blocks, width 256) at T = ``rows``,
+  batch 16 (the sub-batch takes 1 sequence). ``mode``: ``base`` (value,
+  gradient, SGD), ``exact``
+  (``cdat(sgd(1))``, jvp-of-jvp), ``sub16_gn``
+  (``subbatch(1/16, inner=gauss_newton())``).
+  """
+  import cdat_fast  # pylint: disable=g-import-not-at-top
+  from cdat_fast import estimators  # pylint: disable=g-import-not-at-top
+  from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
+  if model_name == "mlp":
+    model = models.get_model("mlp", 10, fused=fused,
+                             features=(1024, 1024, 1024))
+    inputs = _spec((rows, 28, 28, 1), jnp.float32)
+    labels = _spec((rows,), jnp.int32)
+  else:
+    model = models.get_model("nanolm-paper", 65, fused=fused,
+                             block_size=rows)
+    inputs = labels = _spec((16, rows), jnp.int32)
+  params = jax.eval_shape(
+      lambda x: models.init_params(model, jax.random.key(0), x), inputs)
+  model_fn = lambda p, batch: model.apply({"params": p}, batch["x"])
+  loss_fn = lambda z, batch: optax.softmax_cross_entropy_with_integer_labels(
+      z, batch["y"]).mean()
+  loss = lambda p, batch: loss_fn(model_fn(p, batch), batch)
+  if mode == "base":
+    def step(p, s, x, y):
+      batch = {"x": x, "y": y}
+      v, g = jax.value_and_grad(loss)(p, batch)
+      return jax.tree.map(lambda w, d: w - 0.1 * d, p, g), s, v
+    return step, (params, (), inputs, labels), model_name == "nanolm"
+  curvature = ("exact" if mode == "exact" else estimators.subbatch(
+      1 / 16, inner=estimators.gauss_newton()))
+  opt = cdat_fast.cdat(optax.sgd(1.0), curvature=curvature)
+  state = jax.eval_shape(opt.init, params)
+
+  def step(p, s, x, y):
+    batch = {"x": x, "y": y}
+    v, g = jax.value_and_grad(loss)(p, batch)
+    if mode == "exact":
+      objective = dict(value_fn=loss, batch=batch)
+    else:
+      objective = dict(model_fn=model_fn, loss_fn=loss_fn, batch=batch)
+    u, s = opt.update(g, s, p, value=v, **objective)
+    return optax.apply_updates(p, u), s, v
+  return step, (params, state, inputs, labels), model_name == "nanolm"
+
+
+def _jet(f, n_primal):
+  """XLA's jvp-of-jvp of ``f``: (primals, tangents, second tangent of the
+  first primal) -> (y, dy, ddy), what the fused kernels compute."""
+  def run(*args):
+    primals, tangents = args[:n_primal], args[n_primal:2 * n_primal]
+    ddx = args[2 * n_primal]
+
+    def inner(*p_and_dx):
+      p, dx = p_and_dx[:n_primal], p_and_dx[n_primal]
+      return jax.jvp(f, p, (dx,) + tuple(tangents[1:]))
+    outer_t = tuple(tangents) + (ddx,)
+    (y, dy), (_, ddy) = jax.jvp(inner, tuple(primals) + (tangents[0],),
+                                outer_t)
+    return y, dy, ddy
+  return run
+
+
+def layer_cases():
+  """{id: (fused fn, XLA fn, args, causal)}: one layer's jet, fused kernel
+  vs XLA's jvp-of-jvp, float32, every tangent present."""
+  from cdat_fast import kernels  # pylint: disable=g-import-not-at-top
+  cases = {}
+  for m, k, n in [(8192, 1024, 4096), (8192, 4096, 1024), (2048, 256, 256)]:
+    x, w, b = (_spec((m, k), jnp.float32), _spec((k, n), jnp.float32),
+               _spec((n,), jnp.float32))
+    cases[f"dense {m}x{k}->{n}"] = (
+        kernels.dense_jet, _jet(lambda x, w, b: x @ w + b, 3),
+        (x, w, b, x, w, b, x), False)
+  x = _spec((8192, 4096), jnp.float32)
+  cases["gelu 8192x4096"] = (
+      lambda *a: kernels.activation_jet(*a, activation="gelu"),
+      _jet(lambda x: jax.nn.gelu(x), 1), (x, x, x), False)
+  return cases
+
+
+def layers(target):
+  print("| layer | impl | kernels | GFLOP | GB | roofline µs | temp MiB |")
+  print("|---|---|---:|---:|---:|---:|---:|")
+  for name, (fused, xla, args, causal) in layer_cases().items():
+    for impl, fn, call_args in (("fused", fused, args),
+                                ("XLA jvp-of-jvp", xla, args)):
+      compiled, _ = compile_program(fn, call_args, target)
+      prog = roofline(compiled.as_text(), causal)
+      temp = compiled.memory_analysis().temp_size_in_bytes
+      print(f"| {name} | {impl} | {prog.kernels} | {prog.flops / 1e9:.1f} | "
+            f"{prog.bytes / 1e9:.3f} | {prog.time_s * 1e6:.1f} | "
+            f"{temp / 2**20:.1f} |", flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="mlp")
+  parser.add_argument("--rows", default="256,1024,2048")
+  parser.add_argument("--modes", default="base,exact,sub16_gn")
+  parser.add_argument("--fused", default="1,0")
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--kinds", action="store_true",
+                      help="print the per-kernel-kind breakdown")
+  parser.add_argument("--layers", action="store_true",
+                      help="one layer's jet, fused vs XLA, instead")
+  args = parser.parse_args(argv)
+  target = _gpu_target("h100")
+  if args.layers:
+    layers(target)
+    return
+  rows_out = []
+  for model_name in args.models.split(","):
+    for rows in [int(r) for r in args.rows.split(",")]:
+      for fused in [bool(int(f)) for f in args.fused.split(",")]:
+        for mode in args.modes.split(","):
+          step, step_args, causal = model_step(model_name, fused, rows, mode)
+          compiled, seconds = compile_program(step, step_args, target)
+          prog = roofline(compiled.as_text(), causal)
+          prog.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+          prog.compile_s = seconds
+          r = dict(model=model_name, T=rows, fused=fused, mode=mode,
+                   **dataclasses.asdict(prog))
+          rows_out.append(r)
+          print(f"{model_name:6} T={rows:<5} fused={int(fused)} {mode:8} "
+                f"kernels={prog.kernels:4d} pallas={prog.pallas:3d} "
+                f"GFLOP={prog.flops / 1e9:9.2f} GB={prog.bytes / 1e9:7.3f} "
+                f"roofline_us={prog.time_s * 1e6:9.1f} "
+                f"simt_us={prog.time_simt_s * 1e6:9.1f} "
+                f"temp_MiB={prog.temp_bytes / 2**20:8.1f} "
+                f"compile_s={seconds:5.1f}", flush=True)
+          if args.kinds:
+            for k, (n, f, b, t) in sorted(prog.by_kind.items()):
+              print(f"    {k:16} n={n:4d} GFLOP={f / 1e9:9.2f} "
+                    f"GB={b / 1e9:7.3f} us={t * 1e6:9.1f}")
+          if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(rows_out, indent=1))
+
+
+if __name__ == "__main__":
+  main()
