@@ -356,6 +356,24 @@ def _jet(f, n_primal):
   return run
 
 
+def _jet_all(f, n):
+  """XLA's jvp-of-jvp of ``f`` with second tangents of every primal:
+  (primals, tangents, second tangents) -> (y, dy, ddy)."""
+  def run(*args):
+    p, d, dd = args[:n], args[n:2 * n], args[2 * n:3 * n]
+    inner = lambda *pd: jax.jvp(f, pd[:n], pd[n:])
+    (y, dy), (_, ddy) = jax.jvp(inner, p + d, d + dd)
+    return y, dy, ddy
+  return run
+
+
+def _causal_attention(q, k, v):
+  t = q.shape[-2]
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
 def layer_cases():
   """{id: (fused fn, XLA fn, args, causal)}: one layer's jet, fused kernel
   vs XLA's jvp-of-jvp, float32, every tangent present."""
@@ -371,6 +389,11 @@ def layer_cases():
   cases["gelu 8192x4096"] = (
       lambda *a: kernels.activation_jet(*a, activation="gelu"),
       _jet(lambda x: jax.nn.gelu(x), 1), (x, x, x), False)
+  for b, h, t, d in [(2, 8, 2048, 64), (16, 8, 1024, 32)]:
+    x = _spec((b, h, t, d), jnp.float32)
+    cases[f"attention causal {b}x{h}x{t}x{d}"] = (
+        lambda *a: kernels.attention_jet(*a, causal=True),
+        _jet_all(_causal_attention, 3), (x,) * 9, True)
   return cases
 
 
