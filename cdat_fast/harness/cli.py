@@ -129,6 +129,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--ls-decrease-factor", type=_float, default=0.8)
   g.add_argument("--ls-max-steps", type=_positive_int, default=100)
   g.add_argument("--polyak-max-lr", type=_float, default=1.0)
+  g.add_argument("--peer-max-lr", type=_float, default=100.0,
+                 help="η_max of the optax_backtracking and optax_polyak peers")
   g.add_argument("--hyper-beta", type=_float, default=1e-2)
 
 
@@ -406,8 +408,21 @@ def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
        ("cdat_2.5", dict(tuner="cdat", scale=2.5)),
        ("polyak", dict(tuner="polyak", polyak_max_lr=100.0)),
        ("hypergradient", dict(tuner="hypergradient",
-                              learning_rate=args.learning_rate))]
+                              learning_rate=args.learning_rate)),
+       ("optax_backtracking", dict(tuner="optax_backtracking")),
+       ("optax_zoom", dict(tuner="optax_zoom"))]
+  if args.base == "gd":  # the peers that are their own base optimizer
+    v.append(("optax_polyak", dict(tuner="optax_polyak")))
   return v
+
+
+def compare_tuned_variants(args) -> list[tuple[str, dict[str, Any],
+                                               dict[str, list]]]:
+  """Peers whose own learning rate is tuned on a grid (``--sophia-lrs``)."""
+  if args.base != "gd":
+    return []
+  return [("sophia", dict(tuner="sophia"),
+           {"learning_rate": list(args.sophia_lrs)})]
 
 
 def _choose(text: str | None, valid: Sequence[str], flag: str) -> list[str]:
@@ -440,7 +455,8 @@ def cmd_compare(args) -> int:
   base_cfg = _configs_from_args(args)
   out = Path(args.out) if args.out else Path("runs/compare")
   tuners = dict(compare_variants(args))
-  chosen = _choose(args.variants, list(tuners), "--variants")
+  tuned = {name: (name, o, a) for name, o, a in compare_tuned_variants(args)}
+  chosen = _choose(args.variants, list(tuners) + list(tuned), "--variants")
   entries = experiments.compare(
       experiments.SeedRunner(args.seeds, out), base_cfg,
       learning_rates=_lr_grid(args),
@@ -450,7 +466,8 @@ def cmd_compare(args) -> int:
                                   "--warmup-fractions", False),
       horizon_fractions=_fractions(args.horizon_fractions,
                                    "--horizon-fractions", True),
-      tuners=[(name, tuners[name]) for name in chosen],
+      tuners=[(name, tuners[name]) for name in chosen if name in tuners],
+      tuned_tuners=[tuned[name] for name in chosen if name in tuned],
       on_row=lambda family, row: print(
           f"{family}: {row['dir']}: {experiments.format_spread(row)}",
           flush=True))
@@ -562,7 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--variants", default=None,
                  help="tuners, comma-separated among linesearch,"
                  " quadratic_greedy, cdat_2, cdat_2.0625, cdat_2.5, polyak,"
-                 " hypergradient (default: all; none: no tuners)")
+                 " hypergradient and the Optax peers optax_backtracking,"
+                 " optax_zoom, optax_polyak and sophia (the last two with"
+                 " --base gd only) (default: all; none: no tuners)")
+  p.add_argument("--sophia-lrs", type=_float_list,
+                 default=[0.001, 0.004, 0.016, 0.064],
+                 help="the grid of Sophia's learning rate, tuned by the mean"
+                 " (default 0.001,0.004,0.016,0.064)")
   _add_seeds_arg(p)
   p.add_argument("--out", default=None)
   p.set_defaults(func=cmd_compare)

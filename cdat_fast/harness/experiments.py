@@ -20,7 +20,9 @@ What ``cdat-fast sweep`` and ``cdat-fast compare`` run
   horizon), each with its peak learning rate tuned on the same grid and its
   warm-up fraction on ``{0.05, 0.1, 0.2}`` (and, optionally, the horizon),
   and the tuners (line search, quadratically greedy, CDAT σ ∈ {2, 2.0625,
-  2.5}, Polyak, hypergradient).
+  2.5}, Polyak, hypergradient), then the peers of
+  :mod:`cdat_fast.harness.peers` (Optax's line searches and Polyak SGD,
+  Sophia with its learning rate tuned on its own grid).
 """
 from __future__ import annotations
 
@@ -253,6 +255,8 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
             warmup_fractions: Sequence[float] = WARMUP_FRACTIONS,
             horizon_fractions: Sequence[float] = (1.0,),
             tuners: Sequence[tuple[str, dict[str, Any]]] = (),
+            tuned_tuners: Sequence[tuple[str, dict[str, Any],
+                                         dict[str, list]]] = (),
             on_row: Callable[[str, dict[str, Any]], None] | None = None
             ) -> list[Entry]:
   """The comparison line-up over seeds (see the module docstring).
@@ -267,6 +271,10 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
     horizon_fractions: the horizons of the decaying schedules, as fractions
       of the number of steps (the paper: 1, 1/2, 1/4).
     tuners: ``(name, OptimizerConfig overrides)`` of the tuners.
+    tuned_tuners: ``(name, overrides, axes)`` of tuners whose own
+      hyperparameters (``axes``: OptimizerConfig fields and their grids) are
+      tuned by the mean over seeds, like the constant's (e.g. Sophia's
+      learning rate).
     on_row: called with ``(family, row)`` as each grid point is done.
 
   Returns:
@@ -308,6 +316,12 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
     setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in overrides.items() if k != "tuner")
     entries.append(Entry(name, setting, stats, runs, []))
+  for name, overrides, axes in tuned_tuners:
+    def tuned_cfg(overrides=overrides, **point):
+      opt = dataclasses.replace(base.optimizer, **overrides, **point)
+      return dataclasses.replace(base, optimizer=opt)
+    tuned = tune(runner, f"{name}_", tuned_cfg, axes, on_row=family(name))
+    entries.append(_tuned_entry(name, tuned, list(axes)))
   return entries
 
 
@@ -315,16 +329,16 @@ def format_table(entries: Sequence[Entry], seeds: int) -> list[str]:
   """The comparison table's lines: final loss as ``mean [min–max]``."""
   head = ("final loss" if seeds == 1
           else f"final loss, mean [min–max] of {seeds}")
-  lines = [f"{'variant':<17} {head:<36} {'final lr':>10} {'time s':>7}"
+  lines = [f"{'variant':<19} {head:<36} {'final lr':>10} {'time s':>7}"
            "  setting"]
   for e in entries:
     if e.row is None:
-      lines.append(f"{e.label:<17} {'diverged':<36} {'-':>10} {'-':>7}"
+      lines.append(f"{e.label:<19} {'diverged':<36} {'-':>10} {'-':>7}"
                    f"  {e.setting}")
       continue
     lr = e.row["final_learning_rate"]
     lr = "-" if lr is None else f"{lr:.4g}"
     mark = " (edge: " + ", ".join(e.edges) + ")" if e.edges else ""
-    lines.append(f"{e.label:<17} {format_spread(e.row):<36} {lr:>10}"
+    lines.append(f"{e.label:<19} {format_spread(e.row):<36} {lr:>10}"
                  f" {e.row['seconds']:>7.1f}  {e.setting}{mark}")
   return lines

@@ -16,6 +16,7 @@ name               model
 ``mlp-3x256``      :class:`MLP`, hidden widths (256, 256, 256) (Fig. 18)
 ``resnet``         small :class:`ResNet`, stages (1, 1, 1), width 16, no norm
 ``resnet-ln``      the same with layer norm
+``resnet-small``   ``resnet`` at width 8 (docs/reproduction.md's CPU runs)
 ``resnet18``       ResNet-18 (basic blocks (2, 2, 2, 2), width 64), no norm
 ``resnet34``       ResNet-34 (basic blocks (3, 4, 6, 3)), no norm (paper)
 ``resnet50``       ResNet-50 (bottlenecks (3, 4, 6, 3)), no norm
@@ -25,6 +26,7 @@ name               model
 ``mixer``          small :class:`MLPMixer` (patch 4, width 32, 2 blocks)
 ``mixer-ti8``      Mixer Ti/8 (Scenic: width 192, 12 blocks, MLPs 96 / 768)
 ``nanolm``         small :class:`NanoLM` (2 blocks, width 64, 4 heads)
+``nanolm-small``   1 block, width 32, 2 heads (docs/reproduction.md's CPU runs)
 ``nanolm-paper``   the optax example's NanoLM (6 blocks, width 256, 8 heads)
 ``vit``            small :class:`ViT` (patch 4, width 32, 2 blocks)
 ``vit-ti32``       ViT Ti/32 (Scenic: width 192, 12 blocks, 3 heads, MLP 768)
@@ -545,6 +547,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp-3x256": (MLP, dict(features=(256, 256, 256))),
     "resnet": (ResNet, dict(norm="none")),
     "resnet-ln": (ResNet, dict(norm="layer")),
+    "resnet-small": (ResNet, dict(norm="none", width=8)),
     "resnet18": (ResNet, _resnet_config(_R18, False, "none")),
     "resnet34": (ResNet, _resnet_config(_R34, False, "none")),
     "resnet50": (ResNet, _resnet_config(_R34, True, "none")),
@@ -555,6 +558,8 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mixer-ti8": (MLPMixer, dict(patch_size=8, hidden_dim=192, num_blocks=12,
                                  tokens_mlp_dim=96, channels_mlp_dim=768)),
     "nanolm": (NanoLM, {}),
+    "nanolm-small": (NanoLM, dict(num_layers=1, num_heads=2, head_size=16,
+                                  embed_size=32, block_size=64)),
     "nanolm-paper": (NanoLM, dict(num_layers=6, num_heads=8, head_size=32,
                                   embed_size=256, block_size=64)),
     "vit": (ViT, {}),

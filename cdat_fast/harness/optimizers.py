@@ -18,6 +18,7 @@ import optax
 from cdat_fast import checks
 from cdat_fast import estimators
 from cdat_fast.cdat import cdat, make_estimator
+from cdat_fast.harness.peers import OWN_BASE, PEERS, build_peer
 from cdat_fast.hypergradient import hypergradient
 from cdat_fast.linesearch import backtracking_linesearch
 from cdat_fast.polyak import polyak
@@ -25,7 +26,7 @@ from cdat_fast.sharpness_rule import sharpness_rule
 
 BASES = ("gd", "momentum", "rmsprop", "adam")
 TUNERS = ("constant", "cdat", "quadratic_greedy", "linesearch", "polyak",
-          "hypergradient", "sharpness_rule")
+          "hypergradient", "sharpness_rule") + PEERS
 SCHEDULES = ("constant", "warmup_constant", "warmup_linear", "warmup_cosine")
 ADAPTIVE = ("rmsprop", "adam")
 
@@ -48,6 +49,7 @@ class OptimizerConfig:
   ls_decrease_factor: float = 0.8
   ls_max_steps: int = 100
   polyak_max_lr: float = 1.0
+  peer_max_lr: float = 100.0  # optax_backtracking's and optax_polyak's η_max
   hyper_beta: float = 1e-2
   curvature: str = "exact"
   every: int = 1
@@ -75,6 +77,11 @@ def validate(cfg: OptimizerConfig) -> None:
   checks.check_int("ls_max_steps", cfg.ls_max_steps, low=1)
   checks.check_range("polyak_max_lr", cfg.polyak_max_lr, low=0.0,
                      low_inclusive=False, allow_inf=True)
+  checks.check_range("peer_max_lr", cfg.peer_max_lr, low=0.0,
+                     low_inclusive=False, allow_inf=True)
+  if cfg.tuner in OWN_BASE and cfg.base != "gd":
+    raise ValueError(f"base must be gd for tuner {cfg.tuner} (it is its own"
+                     f" base optimizer), got {cfg.base!r}")
   checks.check_range("hyper_beta", cfg.hyper_beta, low=0.0, high=1.0)
   checks.check_int("every", cfg.every, low=1)
   from cdat_fast.cdat import CURVATURES
@@ -165,6 +172,12 @@ def build_optimizer(cfg: OptimizerConfig, steps: int, *,
         max_steps=cfg.ls_max_steps), None
   if cfg.tuner == "polyak":
     return polyak(base, max_learning_rate=cfg.polyak_max_lr), None
+  if cfg.tuner in PEERS:
+    return build_peer(
+        cfg.tuner, base, base_name=cfg.base, learning_rate=cfg.learning_rate,
+        max_learning_rate=cfg.peer_max_lr, slope_rtol=cfg.ls_c,
+        decrease_factor=cfg.ls_decrease_factor,
+        max_steps=cfg.ls_max_steps), None
   if cfg.tuner == "hypergradient":
     return hypergradient(base, learning_rate=cfg.learning_rate,
                          beta=cfg.hyper_beta), None

@@ -168,7 +168,8 @@ class Trainer:
     gets the model and the output loss instead.
     """
     cfg = self.cfg
-    if cfg.optimizer.curvature != "gauss_newton":
+    if (cfg.optimizer.curvature != "gauss_newton"
+        or cfg.optimizer.tuner not in ("cdat", "quadratic_greedy")):
       return dict(value_fn=self.loss_fn)
     # f = ℓ(m(w)) + μ/2‖w‖²: the model returns the parameters too, so the
     # Gauss–Newton form includes the weight decay's curvature μ‖u‖².

