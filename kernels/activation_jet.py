@@ -188,7 +188,8 @@ def _activation_jet_call(config, x, dx, ddx):
   return lowering.per_platform(
       lambda target: functools.partial(_activation_jet_pallas, config, target),
       config.interpret, x, dx, ddx,
-      name=f"activation_jet_{config.activation}")
+      name=f"activation_jet_{config.activation}",
+      rows=((True, True, True), x.ndim))
 
 
 @_activation_jet_call.defjvp

@@ -415,7 +415,8 @@ def _attention_jet_call(config, *args):
                                    precision=config.precision)
   return lowering.per_platform(
       lambda target: functools.partial(_attention_jet_pallas, config, target),
-      config.interpret, *args, name="attention_jet")
+      config.interpret, *args, name="attention_jet",
+      rows=((True,) * len(args), args[0].ndim - 2))
 
 
 @_attention_jet_call.defjvp

@@ -277,7 +277,8 @@ def _dense_jet_call(config, x, w, b, dx, dw, db, ddx):
                                precision=config.precision)
   return lowering.per_platform(
       lambda target: functools.partial(_dense_jet_pallas, config, target),
-      config.interpret, x, w, b, dx, dw, db, ddx, name="dense_jet")
+      config.interpret, x, w, b, dx, dw, db, ddx, name="dense_jet",
+      rows=((True, False, False, True, False, False, True), x.ndim - 1))
 
 
 @_dense_jet_call.defjvp

@@ -221,7 +221,8 @@ def _layer_norm_jet_call(config, x, scale, bias, dx, dscale, dbias, ddx):
   return lowering.per_platform(
       lambda target: functools.partial(_layer_norm_jet_pallas, config, target),
       config.interpret, x, scale, bias, dx, dscale, dbias, ddx,
-      name="layer_norm_jet")
+      name="layer_norm_jet",
+      rows=((True, False, False, True, False, False, True), x.ndim - 1))
 
 
 @_layer_norm_jet_call.defjvp

@@ -35,12 +35,14 @@ extra).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.extend
 from jax.interpreters import batching
 from jax.interpreters import mlir
+
+from . import partitioning
 
 try:
   from jax.experimental.pallas import triton as pltriton
@@ -103,20 +105,28 @@ class _Versions:
 
 # One equation per kernel call whose lowering is chosen per platform: the
 # parameter ``jaxpr`` is the CPU version (what jaxpr walkers and abstract
-# evaluation see), ``versions`` builds the others when they are lowered.
+# evaluation see), ``versions`` builds the others when they are lowered, and
+# ``rows`` (a partitioning.RowSpec or None) says which dimensions are rows,
+# the rule of the call under a device mesh (kernels/partitioning.py).
 _kernel_p = jax.extend.core.Primitive("per_platform_kernel")
 _kernel_p.multiple_results = True
+try:  # The rule's custom_partitioning needs the devices while lowering.
+  from jax._src import dispatch as _dispatch  # pylint: disable=g-import-not-at-top
+  _dispatch.prim_requires_devices_during_lowering.add(_kernel_p)
+except (ImportError, AttributeError):  # pragma: no cover - jax internals.
+  pass
 
 
 @_kernel_p.def_abstract_eval
-def _kernel_abstract_eval(*avals, jaxpr, versions):
-  del avals, versions
+def _kernel_abstract_eval(*avals, jaxpr, versions, rows):
+  del avals, versions, rows
   return jaxpr.out_avals
 
 
 @_kernel_p.def_impl
-def _kernel_impl(*args, jaxpr, versions):
+def _kernel_impl(*args, jaxpr, versions, rows):
   # Outside jit (jax.disable_jit()): the version of the default backend.
+  del rows
   platform = jax.default_backend()
   if platform == "cpu":
     return jax.extend.core.jaxpr_as_fun(jaxpr)(*args)
@@ -124,10 +134,20 @@ def _kernel_impl(*args, jaxpr, versions):
 
 
 def _kernel_lowering(platform: str):
-  def rule(ctx, *args, jaxpr, versions):
+  def rule(ctx, *args, jaxpr, versions, rows):
     fn = (jax.extend.core.jaxpr_as_fun(jaxpr) if platform == "cpu"
           else versions.make(platform))
-    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    if rows is None or not partitioning.partitioned_context(ctx):
+      return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+    def call(*flat):  # The whole call, should XLA not partition it.
+      return list(_kernel_p.bind(*flat, jaxpr=jaxpr, versions=versions,
+                                 rows=None))
+
+    def call_local(*flat):  # One device's rows, with a plain kernel call.
+      return list(_bind(versions, flat))
+
+    return partitioning.lower(ctx, args, rows, call, call_local, platform)
   return rule
 
 
@@ -136,29 +156,58 @@ for _platform in ("cpu", "cuda", "rocm", "tpu"):
                          platform=_platform)
 
 
-def _bind(versions: _Versions, args) -> list[jax.Array]:
+def _bind(versions: _Versions, args, rows: Any = None) -> list[jax.Array]:
+  """Binds the kernel equation; ``rows``: per flat operand whether it is a
+  row operand, and how many leading dimensions are rows (or None)."""
   avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
   jaxpr = jax.make_jaxpr(versions.make("cpu"))(*avals)
-  return _kernel_p.bind(*args, jaxpr=jaxpr, versions=versions)
+  spec = None if rows is None else partitioning.row_spec(
+      avals, rows[0], rows[1], jaxpr.out_avals)
+  return _kernel_p.bind(*args, jaxpr=jaxpr, versions=versions, rows=spec)
 
 
-def _kernel_batching(args, dims, *, jaxpr, versions):
+def _batched_rows(rows, dims):
+  """The row spec of the vmapped call, its operands' batch axis moved first:
+  one more row dimension where exactly the row operands are batched."""
+  if rows is None or any((d is not None) != r for d, r in zip(dims, rows.rows)):
+    return None
+  return (rows.rows, rows.batch_ndim + 1)
+
+
+def _kernel_batching(args, dims, *, jaxpr, versions, rows):
   del jaxpr
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  new_rows = _batched_rows(rows, dims)
+  if new_rows is not None:  # Batch axes first: they join the rows.
+    args = [a if d is None else jax.numpy.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
+    dims = [None if d is None else 0 for d in dims]
   in_axes = tuple(dims)
 
   def make(platform):
     return jax.vmap(versions.make(platform), in_axes=in_axes, axis_size=size)
 
-  outs = _bind(_Versions(versions.name, make), args)
+  outs = _bind(_Versions(versions.name, make), args, new_rows)
   return outs, [0] * len(outs)
 
 
 batching.primitive_batchers[_kernel_p] = _kernel_batching
 
 
+def _flat_rows(args, rows):
+  """``rows`` (one flag per argument) per flat leaf of ``args``."""
+  if rows is None:
+    return None
+  flags, batch_ndim = rows
+  flat = []
+  for arg, flag in zip(args, flags):
+    flat += [flag] * len(jax.tree.leaves(arg))
+  return (tuple(flat), batch_ndim)
+
+
 def per_platform(build: Callable[[Target], Callable[..., tuple]],
-                 interpret: Any, *args: Any, name: str) -> tuple:
+                 interpret: Any, *args: Any, name: str,
+                 rows: tuple[Sequence[bool], int] | None = None) -> tuple:
   """``build(target)(*args)`` for the target of the platform lowered for.
 
   With ``interpret=None`` or False the call is one equation whose lowering
@@ -174,6 +223,11 @@ def per_platform(build: Callable[[Target], Callable[..., tuple]],
     interpret: the kernel's ``interpret=`` (see the module docstring).
     *args: arrays, or None for absent inputs.
     name: the kernel's name, shown in jaxprs.
+    rows: ``(flags, n)``: per argument whether it is a row operand, and how
+      many leading dimensions of the row operands and of every result are
+      rows (the same in all). Under a device mesh the call is then
+      partitioned by rows, the rest replicated
+      (:mod:`.partitioning`); None: no rule (XLA decides).
 
   Returns:
     The outputs of the version for the platform, a tuple.
@@ -191,7 +245,7 @@ def per_platform(build: Callable[[Target], Callable[..., tuple]],
     fn = build(targets[platform])
     return lambda *flat: list(fn(*jax.tree.unflatten(in_tree, flat)))
 
-  return tuple(_bind(_Versions(name, make), leaves))
+  return tuple(_bind(_Versions(name, make), leaves, _flat_rows(args, rows)))
 
 
 def compiler_params(target: Target, *, num_warps: int | None = None,

@@ -10,6 +10,8 @@ Usage::
   python tests/sharding_checks.py tuners [I/N]  # 8 devices, every tuner
                                                 # (or every N-th from I)
   python tests/sharding_checks.py kernels       # fused kernels in shard_map
+  python tests/sharding_checks.py fused         # a fused model's CDAT step,
+                                                # kernels partitioned by rows
   python tests/sharding_checks.py multiprocess  # 2 processes × 4 devices
   python tests/sharding_checks.py xla_repro     # an XLA:CPU miscompile
   python tests/sharding_checks.py resume_mesh   # checkpoint data=8, resume
@@ -535,6 +537,149 @@ def check_kernels() -> dict:
 
 
 # ----------------------------------------------------------------------------
+# The fused layers' kernels partitioned by rows (kernels/partitioning.py).
+
+FUSED_MESHES = ("data=8", "data=4,fsdp=2")
+FUSED_BATCH, FUSED_T, FUSED_VOCAB = 16, 8, 17
+# Moving rows: collectives that carry activations between devices.
+ROW_MOVERS = ("all-gather", "all-to-all", "collective-permute")
+
+
+def _fused_problem(name: str, fused: bool = True):
+  """A small harness model (``nanolm``: one block, so Dense, LayerNorm, relu
+  and attention kernels; ``mlp``: Dense and relu), its loss, parameters and
+  two batches."""
+  from cdat_fast.harness.models import get_model  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  if name == "nanolm":
+    model = get_model("nanolm", FUSED_VOCAB, num_layers=1, num_heads=2,
+                      head_size=8, embed_size=16, block_size=FUSED_T,
+                      fused=fused)
+    batches = [{k: rng.integers(0, FUSED_VOCAB, (FUSED_BATCH, FUSED_T),
+                                dtype=np.int32) for k in ("x", "y")}
+               for _ in range(2)]
+  else:
+    model = get_model("mlp", FUSED_VOCAB, features=(32, 32), fused=fused)
+    batches = [{"x": rng.normal(size=(FUSED_BATCH, 24)).astype(np.float32),
+                "y": rng.integers(0, FUSED_VOCAB, FUSED_BATCH, dtype=np.int32)}
+               for _ in range(2)]
+  params = model.init(jax.random.PRNGKey(0), batches[0]["x"])["params"]
+
+  def loss(p, batch):
+    logits = model.apply({"params": p}, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["y"]).mean()
+  return loss, jax.tree.map(np.asarray, params), batches
+
+
+def _moved_rows(text: str, params) -> list:
+  """Row-moving collectives whose operand is no parameter (shard) shape."""
+  shapes = {tuple(d for d in x.shape if d != 1)
+            for x in jax.tree.leaves(params)}
+  out = []
+  for kind, shape in sharding.hlo_collectives(text)["non_scalar"]:
+    dims = tuple(int(d) for d in shape.split("[")[1].rstrip("]").split(",")
+                 if d)
+    squeezed = tuple(d for d in dims if d != 1)
+    whole = any(len(p) == len(squeezed) and all(
+        q % d == 0 for q, d in zip(p, squeezed)) for p in shapes)
+    if kind in ROW_MOVERS and len(squeezed) >= 2 and not whole:
+      out.append([kind, shape])
+  return sorted(out)
+
+
+def _fused_run(loss, params, batches, mesh, steps: int = 2) -> dict:
+  """``steps`` CDAT steps on ``mesh``: losses, η, parameters, the lowered
+  and the compiled program."""
+  step = sharding.make_train_step(loss, cdat_fast.cdat(optax.sgd(1.0)), mesh)
+  params = sharding.shard_params(params, mesh)
+  opt_state = step.init(params)
+  placed = [sharding.shard_batch(b, mesh) for b in batches[:steps]]
+  lowered = step.lower(params, opt_state, placed[0])
+  losses, etas = [], []
+  for batch in placed:
+    params, opt_state, value = step(params, opt_state, batch)
+    losses.append(float(value))
+    etas.append(float(optax.tree.get(opt_state, "learning_rate")))
+  return {"loss": losses, "eta": etas,
+          "params": jax.tree.map(np.asarray, params),
+          "lowered": lowered.as_text(), "text": lowered.compile().as_text()}
+
+
+def _fused_entry(problem, ref, mesh, mark) -> dict:
+  loss, params, batches = problem
+  run = _fused_run(loss, params, batches, mesh)
+  return {"moved_rows": _moved_rows(run["text"], params),
+          "wrapped": run["lowered"].count(mark),
+          "loss_rel": _rel(run["loss"], ref["loss"]),
+          "eta_rel": _rel(run["eta"], ref["eta"]),
+          "params_rel": _tree_rel(run["params"], ref["params"])}
+
+
+def _gspmd_dense() -> dict:
+  """dense_jet with rows over ``data=4,fsdp=2`` and its weight over
+  ``fsdp``, partitioned by GSPMD (Shardy off): the rule's GSPMD callbacks."""
+  from cdat_fast.kernels import dense_jet, dense_jet_reference  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh("data=4,fsdp=2")
+  keys = jax.random.split(jax.random.PRNGKey(4), 4)
+  x, dx = (jax.random.normal(k, (64, 32)) for k in keys[:2])
+  w, dw = (jax.random.normal(k, (32, 48)) for k in keys[2:])
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  cols = NamedSharding(mesh, P(None, "fsdp"))
+  args = [jax.device_put(a, s) for a, s in
+          ((x, rows), (w, cols), (dx, rows), (dw, cols))]
+  fn = jax.jit(lambda x, w, dx, dw: dense_jet(x, w, None, dx, dw, None, None))
+  previous = jax.config.jax_use_shardy_partitioner
+  jax.config.update("jax_use_shardy_partitioner", False)
+  try:
+    got = fn(*args)
+    text = fn.lower(*args).compile().as_text()
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", previous)
+  want = dense_jet_reference(x, w, None, dx, dw, None, None)
+  return {"rel": max(_rel(g, r) for g, r in zip(got, want)),
+          "moved_rows": _moved_rows(text, {"w": w}),
+          "rows_kept": all(g.sharding.is_equivalent_to(rows, 2) for g in got)}
+
+
+def check_fused() -> dict:
+  """Fused models' CDAT steps on 8 devices against one device.
+
+  Per model, mechanism (custom_partitioning, CPU's and GPU's; shard_map,
+  TPU's, forced on CPU here) and mesh: relative differences of the losses,
+  learning rates and parameters after two steps; the row-moving collectives
+  of the compiled step; how many kernel lowerings the program wraps in the
+  mechanism (``CustomSPMDPartitioning`` calls, or ``shard_map``'s manual
+  computations; 0 on one device). ``flax``: the row-moving collectives of
+  the model's step with flax's layers (XLA:CPU gathers the MLP's inputs
+  over ``fsdp`` for the first layer's gradient; under FSDP it reshuffles
+  NanoLM's attention activations).
+  """
+  from cdat_fast.kernels import partitioning  # pylint: disable=g-import-not-at-top
+  marks = {"custom_partitioning": "CustomSPMDPartitioning",
+           "shard_map": "sdy.manual_computation"}
+  out: dict = {"gspmd dense_jet": _gspmd_dense()}
+  for name in ("mlp", "nanolm"):
+    problem = _fused_problem(name)
+    ref = _fused_run(*problem, sharding.make_mesh("data=1"))
+    out[f"{name} one device"] = {"wrapped": sum(
+        ref["lowered"].count(m) for m in marks.values())}
+    for mechanism, mark in marks.items():
+      partitioning.MECHANISM["cpu"] = mechanism
+      for spec in FUSED_MESHES:
+        out[f"{name} {mechanism} {spec}"] = _fused_entry(
+            problem, ref, sharding.make_mesh(spec), mark)
+    partitioning.MECHANISM["cpu"] = "custom_partitioning"
+    flax_loss, params, batches = _fused_problem(name, fused=False)
+    for spec in FUSED_MESHES:
+      run = _fused_run(flax_loss, params, batches, sharding.make_mesh(spec),
+                       1)
+      out[f"{name} flax {spec}"] = {
+          "moved_rows": _moved_rows(run["text"], params)}
+  return out
+
+
+# ----------------------------------------------------------------------------
 # Two processes on localhost.
 
 MP_SPECS = ("data=8", "data=4,fsdp=2")
@@ -640,6 +785,8 @@ def main(argv: list[str]) -> None:
     out = xla_repro()
   elif mode == "kernels":
     out = check_kernels()
+  elif mode == "fused":
+    out = check_fused()
   elif mode == "multiprocess":
     out = check_multiprocess()
   elif mode == "resume_mesh":
