@@ -32,7 +32,9 @@ The array is flattened and viewed as ``(rows, 128)``; rows are tiled by
 ``block_rows`` and zero-padded to a multiple of it: a power of two (64 by
 default) for Triton and the interpreter, a multiple of Mosaic's 8 (16 for
 16-bit types) sublanes (512 by default) for TPU (:mod:`.lowering` keeps the
-version of the platform lowered for).
+version of the platform lowered for). With ``gpu_backend="mosaic_gpu"`` (or
+``CDAT_FAST_GPU_BACKEND=mosaic_gpu``) CUDA gets the same body under Mosaic
+GPU (:mod:`.mosaic_gpu`; tiles as Triton's).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from . import lowering
+from . import mosaic_gpu
 from .lowering import next_power_of_2 as _next_power_of_2
 from .lowering import round_up as _round_up
 
@@ -112,6 +115,7 @@ class _Config(NamedTuple):
   block_rows: int | None
   interpret: Any
   num_warps: int | None
+  gpu_backend: str = lowering.TRITON
 
 
 
@@ -141,7 +145,7 @@ def _activation_jet_kernel(*refs, activation, has_ddx):
 
 def _tile_rows(config: _Config, target, rows: int, dtype) -> int:
   """Rows of 128 elements per tile for ``target``."""
-  block_rows = config.block_rows or _BLOCK_ROWS[target.kind]
+  block_rows = config.block_rows or _BLOCK_ROWS.get(target.kind, 64)
   if target.kind == lowering.TPU:
     sub = lowering.sublanes(dtype)
     return min(_round_up(block_rows, sub), _round_up(rows, sub))
@@ -166,6 +170,11 @@ def _activation_jet_pallas(config: _Config, target, x, dx, ddx):
   kernel = functools.partial(
       _activation_jet_kernel, activation=config.activation,
       has_ddx=ddx is not None)
+  if target.kind == lowering.MOSAIC_GPU:
+    outs = mosaic_gpu.activation_jet(
+        kernel, block_rows, *args[:2], args[2] if ddx is not None else None,
+        name=f"activation_jet_{config.activation}")
+    return tuple(o.reshape(-1)[:size].reshape(shape) for o in outs)
   outs = pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct((rows_p, _LANES), dtype)] * 3,
@@ -189,7 +198,7 @@ def _activation_jet_call(config, x, dx, ddx):
       lambda target: functools.partial(_activation_jet_pallas, config, target),
       config.interpret, x, dx, ddx,
       name=f"activation_jet_{config.activation}",
-      rows=((True, True, True), x.ndim))
+      rows=((True, True, True), x.ndim), cuda=config.gpu_backend)
 
 
 @_activation_jet_call.defjvp
@@ -215,7 +224,8 @@ def _promote(x, dx, ddx):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("activation", "interpret", "block_rows", "num_warps"))
+    static_argnames=("activation", "interpret", "block_rows", "num_warps",
+                     "gpu_backend"))
 def activation_jet(
     x: jax.Array,
     dx: jax.Array,
@@ -225,6 +235,7 @@ def activation_jet(
     interpret: Any = None,
     block_rows: int | None = None,
     num_warps: int | None = None,
+    gpu_backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Fused second-order jet of an elementwise activation.
 
@@ -245,6 +256,9 @@ def activation_jet(
     block_rows: rows of 128 elements per tile, a power of two (None: 64;
       the TPU version rounds it up to Mosaic's sublanes, None: 512).
     num_warps: Triton warps per tile on GPU (None: the lowering's default).
+    gpu_backend: the version built for CUDA: ``"triton"`` or
+      ``"mosaic_gpu"`` (:mod:`.mosaic_gpu`); None: ``$CDAT_FAST_GPU_BACKEND``,
+      else Triton (:func:`.lowering.gpu_backend`).
 
   Returns:
     ``(y, dy, ddy)`` with the shape and (common) dtype of the inputs.
@@ -255,7 +269,7 @@ def activation_jet(
     raise ValueError(f"block_rows must be a power of two, got {block_rows}")
   x, dx, ddx = _promote(x, dx, ddx)
   config = _Config(activation, block_rows, lowering.check_interpret(interpret),
-                   num_warps)
+                   num_warps, lowering.gpu_backend(gpu_backend))
   return _activation_jet_call(config, x, dx, ddx)
 
 

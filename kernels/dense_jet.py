@@ -24,7 +24,10 @@ one for the platform lowered for is kept (:mod:`.lowering`): with
 power-of-two blocks, the contraction looped inside the kernel (Triton on GPU,
 and the interpreter on CPU), and for Mosaic TPU with blocks whose last two
 dimensions are multiples of (8 or 16, 128) and the contraction as the
-innermost, sequential grid axis accumulating into VMEM.
+innermost, sequential grid axis accumulating into VMEM. With
+``gpu_backend="mosaic_gpu"`` (or ``CDAT_FAST_GPU_BACKEND=mosaic_gpu``) CUDA
+gets the Mosaic GPU version instead (:mod:`.mosaic_gpu`: warpgroup matmuls,
+the contraction pipelined through shared memory).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from . import lowering
+from . import mosaic_gpu
 from .lowering import next_power_of_2 as _next_power_of_2
 from .lowering import round_up as _round_up
 
@@ -62,6 +66,7 @@ class _Config(NamedTuple):
   num_warps: int | None
   num_stages: int | None
   precision: lax.PrecisionLike
+  gpu_backend: str = lowering.TRITON
 
 
 def _block(size: int, block: int, minimum: int = 16) -> int:
@@ -194,6 +199,9 @@ def _specs(target, bm, bn, bk, kp):
 
 def _dense_jet_pallas(config: _Config, target, x, w, b, dx, dw, db, ddx):
   """Flattens, pads, runs the kernel for ``target`` and un-pads."""
+  if target.kind == lowering.MOSAIC_GPU:
+    return mosaic_gpu.dense_jet(x, w, b, dx, dw, db, ddx,
+                                precision=config.precision)
   k_dim, n_dim = w.shape
   batch_shape = x.shape[:-1]
   m_dim = math.prod(batch_shape)
@@ -278,7 +286,8 @@ def _dense_jet_call(config, x, w, b, dx, dw, db, ddx):
   return lowering.per_platform(
       lambda target: functools.partial(_dense_jet_pallas, config, target),
       config.interpret, x, w, b, dx, dw, db, ddx, name="dense_jet",
-      rows=((True, False, False, True, False, False, True), x.ndim - 1))
+      rows=((True, False, False, True, False, False, True), x.ndim - 1),
+      cuda=config.gpu_backend)
 
 
 @_dense_jet_call.defjvp
@@ -292,7 +301,7 @@ def _dense_jet_call_jvp(config, primals, tangents):
 @functools.partial(
     jax.jit,
     static_argnames=("interpret", "block_m", "block_n", "block_k", "num_warps",
-                     "num_stages", "precision"))
+                     "num_stages", "precision", "gpu_backend"))
 def dense_jet(
     x: jax.Array,
     w: jax.Array,
@@ -309,6 +318,7 @@ def dense_jet(
     num_warps: int | None = None,
     num_stages: int | None = None,
     precision: lax.PrecisionLike = None,
+    gpu_backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Fused second-order jet of ``y = x @ w + b``.
 
@@ -337,6 +347,9 @@ def dense_jet(
     num_warps: Triton warps per tile on GPU (None: the lowering's default).
     num_stages: Triton software-pipelining stages on GPU (None: default).
     precision: matmul precision passed to every ``jnp.dot`` in the kernel.
+    gpu_backend: the version built for CUDA: ``"triton"`` or
+      ``"mosaic_gpu"`` (:mod:`.mosaic_gpu`; its own tiles); None:
+      ``$CDAT_FAST_GPU_BACKEND``, else Triton (:func:`.lowering.gpu_backend`).
 
   Returns:
     ``(y, dy, ddy)``, each of shape ``(..., N)`` in the common dtype of the
@@ -345,7 +358,7 @@ def dense_jet(
   x, w, b, dx, dw, db, ddx = _check_and_promote(x, w, b, dx, dw, db, ddx)
   config = _Config(block_m, block_n, block_k,
                    lowering.check_interpret(interpret), num_warps, num_stages,
-                   precision)
+                   precision, lowering.gpu_backend(gpu_backend))
   return _dense_jet_call(config, x, w, b, dx, dw, db, ddx)
 
 

@@ -32,9 +32,16 @@ only where that deprecation is accelerated). Until it is removed the kernels
 keep this path; the way forward is a Mosaic GPU port (``plgpu.kernel``) or
 the official Triton bindings through jax-triton (the optional ``gpu``
 extra).
+
+The Mosaic GPU versions of ``dense_jet`` and ``activation_jet``
+(:mod:`.mosaic_gpu`) are built for CUDA when asked for: the kernels'
+``gpu_backend="mosaic_gpu"``, or ``CDAT_FAST_GPU_BACKEND=mosaic_gpu`` in the
+environment when a call is traced (:func:`gpu_backend`); the default stays
+Triton while it compiles.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -56,13 +63,29 @@ except ImportError:  # pragma: no cover - depends on the jax build.
 
 TRITON = "triton"
 TPU = "tpu"
+MOSAIC_GPU = "mosaic_gpu"
+GPU_BACKENDS = (TRITON, MOSAIC_GPU)
+GPU_BACKEND_ENV = "CDAT_FAST_GPU_BACKEND"
+
+
+def gpu_backend(choice: str | None = None) -> str:
+  """The CUDA version to build: ``choice``, else ``$CDAT_FAST_GPU_BACKEND``,
+  else ``"triton"`` (or ``"mosaic_gpu"`` where Pallas has no Triton)."""
+  if choice is None:
+    choice = os.environ.get(GPU_BACKEND_ENV) or (
+        TRITON if pltriton is not None else MOSAIC_GPU)
+  if choice not in GPU_BACKENDS:
+    raise ValueError(f"gpu_backend must be one of {GPU_BACKENDS}, got "
+                     f"{choice!r}")
+  return choice
 
 
 class Target(NamedTuple):
   """What one version of a kernel is built for.
 
   Attributes:
-    kind: ``"triton"`` or ``"tpu"``: the tiles and kernel body.
+    kind: ``"triton"``, ``"tpu"`` or ``"mosaic_gpu"``: the tiles and kernel
+      body.
     interpret: False to compile; True or a Pallas ``InterpretParams`` to run
       Pallas' interpreter (passed as ``pallas_call``'s ``interpret=``).
   """
@@ -207,7 +230,8 @@ def _flat_rows(args, rows):
 
 def per_platform(build: Callable[[Target], Callable[..., tuple]],
                  interpret: Any, *args: Any, name: str,
-                 rows: tuple[Sequence[bool], int] | None = None) -> tuple:
+                 rows: tuple[Sequence[bool], int] | None = None,
+                 cuda: str = TRITON) -> tuple:
   """``build(target)(*args)`` for the target of the platform lowered for.
 
   With ``interpret=None`` or False the call is one equation whose lowering
@@ -228,6 +252,7 @@ def per_platform(build: Callable[[Target], Callable[..., tuple]],
       rows (the same in all). Under a device mesh the call is then
       partitioned by rows, the rest replicated
       (:mod:`.partitioning`); None: no rule (XLA decides).
+    cuda: the kind built for CUDA (``"triton"`` or ``"mosaic_gpu"``).
 
   Returns:
     The outputs of the version for the platform, a tuple.
@@ -237,7 +262,7 @@ def per_platform(build: Callable[[Target], Callable[..., tuple]],
   if interpret is not None and interpret is not False:  # InterpretParams
     return tuple(build(Target(TPU, interpret))(*args))
   targets = {"cpu": Target(TRITON, interpret is None),
-             "cuda": Target(TRITON, False), "rocm": Target(TRITON, False),
+             "cuda": Target(cuda, False), "rocm": Target(TRITON, False),
              "tpu": Target(TPU, False)}
   leaves, in_tree = jax.tree.flatten(args)
 
