@@ -34,8 +34,9 @@ def _history(d: Path) -> dict[str, np.ndarray]:
 
 
 def _seed_dirs(d: Path) -> list[Path]:
-  seeds = sorted(d.glob("seed=*"))
-  return seeds or [d]
+  """The finished runs (with a summary) of a variant's folder."""
+  seeds = sorted(d.glob("seed=*")) or [d]
+  return [s for s in seeds if (s / "summary.json").is_file()]
 
 
 def _curve_stats(dirs, key):
@@ -110,6 +111,7 @@ def _edge_numbers(d: Path) -> dict:
   stay = (float(np.mean(el[at_edge[0]:] >= 1.8)) if len(at_edge) else None)
   ok = json.loads((d / "summary.json").read_text())["status"] == "ok"
   return {"lr_first": float(lr[0]), "lr_end": float(lr[-1]),
+          "lr_max": float(np.max(lr)),
           "lr_min": float(np.min(lr)), "lam_first": float(lam[0]),
           "lam_max": float(np.max(lam)), "lam_end": float(lam[-1]),
           "el_median": float(np.median(half)), "el_lo": float(np.min(half)),
@@ -128,7 +130,7 @@ def _mm(xs, fmt="{:.3g}") -> str:
 
 
 def edge_table(root: Path) -> str:
-  lines = ["| variant | η step 1 → end (min) | λ_max first → max → end |"
+  lines = ["| variant | η step 1 → max → end | λ_max first → max → end |"
            " median η·λ, 2nd half [its min–max] | first step η·λ ≥ 1.9 |"
            " share ≥ 1.8 after it | final loss |",
            "|---|---|---|---|---|---|---|"]
@@ -140,8 +142,8 @@ def edge_table(root: Path) -> str:
                    for d in _seed_dirs(vdir)])
     c = lambda k: [n[k] for n in nums]  # noqa: E731
     lines.append(
-        f"| {vdir.name} | {_mm(c('lr_first'))} → {_mm(c('lr_end'))}"
-        f" ({_mm(c('lr_min'))}) | {_mm(c('lam_first'))} →"
+        f"| {vdir.name} | {_mm(c('lr_first'))} → {_mm(c('lr_max'))} →"
+        f" {_mm(c('lr_end'))} | {_mm(c('lam_first'))} →"
         f" {_mm(c('lam_max'))} → {_mm(c('lam_end'))} |"
         f" {_mm(c('el_median'))} [{min(c('el_lo')):.3g}–{max(c('el_hi')):.3g}]"
         f" | {_mm(c('reach'), '{:.0f}')} | {_mm(c('stay'), '{:.2f}')} |"
@@ -310,6 +312,30 @@ def runs_table(root: Path, stage: str) -> str:
   return "\n".join(lines)
 
 
+def runs_figure(root: Path, stage: str, out: Path, title: str = "") -> Path:
+  """Loss and learning rate of the runs ``stage/<variant>/seed=S``."""
+  fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
+  for vdir in sorted((root / stage).iterdir()):
+    dirs = [d for d in _seed_dirs(vdir) if (d / "history.npz").is_file()]
+    if not vdir.is_dir() or not dirs:
+      continue
+    mean, lo, hi = _curve_stats(dirs, "loss")
+    steps = np.arange(1, len(mean) + 1)
+    line, = ax_l.plot(steps, mean, lw=1, label=vdir.name)
+    ax_l.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    ax_r.plot(steps, _curve_stats(dirs, "learning_rate")[0], lw=1,
+              color=line.get_color())
+  ax_l.set(xscale="log", yscale="log", xlabel="step", title=title,
+           ylabel="train loss (mean over seeds, min–max shaded)")
+  ax_r.set(xscale="log", yscale="log", xlabel="step",
+           ylabel="learning rate (mean over seeds)")
+  ax_l.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out, dpi=90)
+  plt.close(fig)
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--runs", default="runs/repro")
@@ -321,8 +347,7 @@ def main(argv=None) -> int:
   for stage, title in (("mlp_compare", "MLP 256×2 on 4096 Fashion-MNIST"),
                        ("linear", "linear model on 4096 Fashion-MNIST"),
                        ("mlp_schedules", "schedules, MLP on Fashion-MNIST"),
-                       ("nanolm_compare", "NanoLM-small on 2048 Shakespeare"
-                                          " blocks")):
+                       ("sophia_grid", "Sophia's learning rate, MLP")):
     if (root / stage / "compare.json").is_file():
       fig = compare_figure(root, stage, figs / f"repro_{stage}.png",
                            title=title)
@@ -338,8 +363,13 @@ def main(argv=None) -> int:
     fig = minibatch_figure(root, figs / "repro_minibatch.png")
     out += ["### minibatch", "", minibatch_table(root), "",
             f"![minibatch](figures/{fig.name})", ""]
-  if (root / "resnet").is_dir():
-    out += ["### resnet", "", runs_table(root, "resnet"), ""]
+  for stage, title in (("nanolm", "NanoLM-small on 2048 Shakespeare blocks"),
+                       ("resnet", "ResNet (no norm, width 8) on 256"
+                                  " Fashion-MNIST images")):
+    if (root / stage).is_dir():
+      fig = runs_figure(root, stage, figs / f"repro_{stage}.png", title)
+      out += [f"### {stage}: {title}", "", runs_table(root, stage), "",
+              f"![{stage}](figures/{fig.name})", ""]
   print("\n".join(out))
   return 0
 
