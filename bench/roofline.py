@@ -288,7 +288,8 @@ def _spec(shape, dtype):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def model_step(model_name: str, fused: bool, rows: int, mode: str):
+def model_step(model_name: str, fused: bool, rows: int, mode: str,
+               dtype=jnp.float32):
   """(step, args, causal): one step of ``mode`` on a model.
 
   ``mlp``: 3 hidden layers of 1024 (the tier's), batch ``rows`` of 28×28;
@@ -296,7 +297,10 @@ def model_step(model_name: str, fused: bool, rows: int, mode: str):
   batch 16 (the sub-batch takes 1 sequence). ``mode``: ``base`` (value,
   gradient, SGD), ``exact``
   (``cdat(sgd(1))``, jvp-of-jvp), ``sub16_gn``
-  (``subbatch(1/16, inner=gauss_newton())``).
+  (``subbatch(1/16, inner=gauss_newton())``). ``dtype``: of the
+  parameters and the MLP's inputs (the layers compute in the dtype of
+  their inputs and parameters, so bf16 makes every matmul and activation
+  bf16; the loss is taken on the bf16 logits).
   """
   import cdat_fast  # pylint: disable=g-import-not-at-top
   from cdat_fast import estimators  # pylint: disable=g-import-not-at-top
@@ -304,7 +308,7 @@ def model_step(model_name: str, fused: bool, rows: int, mode: str):
   if model_name == "mlp":
     model = models.get_model("mlp", 10, fused=fused,
                              features=(1024, 1024, 1024))
-    inputs = _spec((rows, 28, 28, 1), jnp.float32)
+    inputs = _spec((rows, 28, 28, 1), dtype)
     labels = _spec((rows,), jnp.int32)
   else:
     model = models.get_model("nanolm-paper", 65, fused=fused,
@@ -312,6 +316,9 @@ def model_step(model_name: str, fused: bool, rows: int, mode: str):
     inputs = labels = _spec((16, rows), jnp.int32)
   params = jax.eval_shape(
       lambda x: models.init_params(model, jax.random.key(0), x), inputs)
+  params = jax.tree.map(lambda a: _spec(a.shape, dtype)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        params)
   model_fn = lambda p, batch: model.apply({"params": p}, batch["x"])
   loss_fn = lambda z, batch: optax.softmax_cross_entropy_with_integer_labels(
       z, batch["y"]).mean()
@@ -320,7 +327,8 @@ def model_step(model_name: str, fused: bool, rows: int, mode: str):
     def step(p, s, x, y):
       batch = {"x": x, "y": y}
       v, g = jax.value_and_grad(loss)(p, batch)
-      return jax.tree.map(lambda w, d: w - 0.1 * d, p, g), s, v
+      return jax.tree.map(lambda w, d: (w - 0.1 * d).astype(w.dtype), p,
+                          g), s, v
     return step, (params, (), inputs, labels), model_name == "nanolm"
   curvature = ("exact" if mode == "exact" else estimators.subbatch(
       1 / 16, inner=estimators.gauss_newton()))
@@ -374,11 +382,29 @@ def _causal_attention(q, k, v):
   return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
 
 
+def _layer_norm(x, scale, bias, epsilon=1e-6):
+  """The textbook layer norm (two-pass variance) in the dtype of ``x``."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mean
+  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+  return xc * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
 def layer_cases():
   """{id: (fused fn, XLA fn, args, causal)}: one layer's jet, fused kernel
-  vs XLA's jvp-of-jvp, float32, every tangent present."""
+  vs XLA's jvp-of-jvp, every tangent present; float32 except the layer
+  norm rows, which are float32 and bfloat16."""
   from cdat_fast import kernels  # pylint: disable=g-import-not-at-top
   cases = {}
+  # layer_norm_jet (x, scale, bias, dx, dscale, dbias, ddx): rows T, width
+  # 1024; XLA's version is the same formula's jvp-of-jvp, in the inputs'
+  # dtype (the outer tangent repeats the inner one and moves dx by ddx).
+  for dtype, tag in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+    for t in (1024, 4096):
+      x, v = _spec((t, 1024), dtype), _spec((1024,), dtype)
+      cases[f"layer_norm {t}x1024 {tag}"] = (
+          kernels.layer_norm_jet, _jet(_layer_norm, 3),
+          (x, v, v, x, v, v, x), False)
   for m, k, n in [(8192, 1024, 4096), (8192, 4096, 1024), (2048, 256, 256)]:
     x, w, b = (_spec((m, k), jnp.float32), _spec((k, n), jnp.float32),
                _spec((n,), jnp.float32))
@@ -397,10 +423,12 @@ def layer_cases():
   return cases
 
 
-def layers(target):
+def layers(target, only=None):
   print("| layer | impl | kernels | GFLOP | GB | roofline µs | temp MiB |")
   print("|---|---|---:|---:|---:|---:|---:|")
   for name, (fused, xla, args, causal) in layer_cases().items():
+    if only and not any(o in name for o in only.split(",")):
+      continue
     for impl, fn, call_args in (("fused", fused, args),
                                 ("XLA jvp-of-jvp", xla, args)):
       compiled, _ = compile_program(fn, call_args, target)
@@ -422,37 +450,74 @@ def main(argv=None):
                       help="print the per-kernel-kind breakdown")
   parser.add_argument("--layers", action="store_true",
                       help="one layer's jet, fused vs XLA, instead")
+  parser.add_argument("--only", default=None,
+                      help="with --layers: comma-separated substrings of "
+                      "the layer ids to run (e.g. layer_norm)")
+  parser.add_argument("--markdown", action="store_true",
+                      help="end with the model-step table in Markdown")
+  parser.add_argument("--dtypes", default="f32",
+                      help="parameter/input dtypes of the model steps: "
+                      "f32,bf16")
   args = parser.parse_args(argv)
   target = _gpu_target("h100")
   if args.layers:
-    layers(target)
+    layers(target, args.only)
     return
   rows_out = []
-  for model_name in args.models.split(","):
-    for rows in [int(r) for r in args.rows.split(",")]:
-      for fused in [bool(int(f)) for f in args.fused.split(",")]:
-        for mode in args.modes.split(","):
-          step, step_args, causal = model_step(model_name, fused, rows, mode)
-          compiled, seconds = compile_program(step, step_args, target)
-          prog = roofline(compiled.as_text(), causal)
-          prog.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-          prog.compile_s = seconds
-          r = dict(model=model_name, T=rows, fused=fused, mode=mode,
-                   **dataclasses.asdict(prog))
-          rows_out.append(r)
-          print(f"{model_name:6} T={rows:<5} fused={int(fused)} {mode:8} "
-                f"kernels={prog.kernels:4d} pallas={prog.pallas:3d} "
-                f"GFLOP={prog.flops / 1e9:9.2f} GB={prog.bytes / 1e9:7.3f} "
-                f"roofline_us={prog.time_s * 1e6:9.1f} "
-                f"simt_us={prog.time_simt_s * 1e6:9.1f} "
-                f"temp_MiB={prog.temp_bytes / 2**20:8.1f} "
-                f"compile_s={seconds:5.1f}", flush=True)
-          if args.kinds:
-            for k, (n, f, b, t) in sorted(prog.by_kind.items()):
-              print(f"    {k:16} n={n:4d} GFLOP={f / 1e9:9.2f} "
-                    f"GB={b / 1e9:7.3f} us={t * 1e6:9.1f}")
-          if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(rows_out, indent=1))
+  grid = [(model_name, int(rows), tag)
+          for model_name in args.models.split(",")
+          for rows in args.rows.split(",")
+          for tag in args.dtypes.split(",")]
+  for model_name, rows, tag in grid:
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[tag]
+    for fused in [bool(int(f)) for f in args.fused.split(",")]:
+      for mode in args.modes.split(","):
+        step, step_args, causal = model_step(model_name, fused, rows, mode,
+                                             dtype)
+        compiled, seconds = compile_program(step, step_args, target)
+        prog = roofline(compiled.as_text(), causal)
+        prog.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+        prog.compile_s = seconds
+        r = dict(model=model_name, T=rows, dtype=tag, fused=fused,
+                 mode=mode,
+                 **dataclasses.asdict(prog))
+        rows_out.append(r)
+        print(f"{model_name:6} T={rows:<5} {tag:4} fused={int(fused)} "
+              f"{mode:8} "
+              f"kernels={prog.kernels:4d} pallas={prog.pallas:3d} "
+              f"GFLOP={prog.flops / 1e9:9.2f} GB={prog.bytes / 1e9:7.3f} "
+              f"roofline_us={prog.time_s * 1e6:9.1f} "
+              f"simt_us={prog.time_simt_s * 1e6:9.1f} "
+              f"temp_MiB={prog.temp_bytes / 2**20:8.1f} "
+              f"compile_s={seconds:5.1f}", flush=True)
+        if args.kinds:
+          for k, (n, f, b, t) in sorted(prog.by_kind.items()):
+            print(f"    {k:16} n={n:4d} GFLOP={f / 1e9:9.2f} "
+                  f"GB={b / 1e9:7.3f} us={t * 1e6:9.1f}")
+        if args.json:
+          pathlib.Path(args.json).write_text(json.dumps(rows_out, indent=1))
+  if args.markdown:
+    markdown(rows_out)
+
+
+def markdown(rows_out):
+  """The model-step table; ratios over the base step of the same model, T,
+  dtype and layers."""
+  base = {(r["model"], r["T"], r["dtype"], r["fused"]): r
+          for r in rows_out if r["mode"] == "base"}
+  print("| model | T | dtype | layers | step | kernels (Pallas) | GFLOP | "
+        "HBM GB | roofline µs | temp MiB | time / base | temp / base | "
+        "compile s |")
+  print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for r in rows_out:
+    b = base.get((r["model"], r["T"], r["dtype"], r["fused"]))
+    ratio = lambda key: (f"{r[key] / b[key]:.2f}" if b and b[key] else "-")
+    print(f"| {r['model']} | {r['T']} | {r['dtype']} | "
+          f"{'fused' if r['fused'] else 'XLA'} | {r['mode']} | "
+          f"{r['kernels']} ({r['pallas']}) | {r['flops'] / 1e9:.1f} | "
+          f"{r['bytes'] / 1e9:.3f} | {r['time_s'] * 1e6:.1f} | "
+          f"{r['temp_bytes'] / 2**20:.1f} | {ratio('time_s')} | "
+          f"{ratio('temp_bytes')} | {r['compile_s']:.1f} |")
 
 
 if __name__ == "__main__":
