@@ -9,7 +9,11 @@ call is traced; :func:`.lowering.gpu_backend`). They run on CUDA only
 of the Triton version, ROCm the Triton version.
 
 dense_jet
-  Grid ``(rows / block_m, columns / block_n)``; each program streams the
+  Built with ``plgpu.kernel`` (not ``pl.pallas_call``, whose Mosaic GPU
+  backend JAX deprecates): grid ``(rows / block_m, columns / block_n)``
+  named ``("m", "n")``, inputs and outputs in GMEM. The bias blocks are
+  copied to SMEM by TMA while the contraction runs, and the outputs are
+  written to SMEM blocks and copied out by TMA. Each program streams the
   contraction through shared memory with ``plgpu.emit_pipeline`` (TMA copies,
   ``stages`` blocks in flight) and accumulates
   ``y = x W``, ``ẏ = ẋ W + x Ẇ``, ``ÿ = ẍ W`` and ``ẋ Ẇ`` in four (or
@@ -129,15 +133,28 @@ def _transforms(minor: int, dtype):
 
 
 def _dense_body(*refs, names, out_names, acc_names, tiles, k_steps):
-  """One (block_m, block_n) tile: the contraction pipelined through SMEM."""
-  count = len(names) + len(out_names)
-  r = dict(zip(names + out_names, refs[:count]))
-  acc = dict(zip(acc_names, refs[count:]))
+  """One (block_m, block_n) tile: the contraction pipelined through SMEM.
+
+  ``refs``: the inputs and outputs in GMEM (``plgpu.kernel``), then the
+  scratch: the accumulators, one SMEM block per output, one SMEM block per
+  bias and a barrier for the bias copies.
+  """
+  n_io = len(names) + len(out_names)
+  r = dict(zip(names + out_names, refs[:n_io]))
+  scratch = list(refs[n_io:])
+  acc = {n: scratch.pop(0) for n in acc_names}
+  out_smem = {n: scratch.pop(0) for n in out_names}
+  biases = [n for n in ("b", "db") if n in names]
+  bias_smem = {n: scratch.pop(0) for n in biases}
+  barrier = scratch.pop(0) if biases else None
   mats = [n for n in names if n in _LHS + _RHS]
   bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-  i, j = pl.program_id(0), pl.program_id(1)
+  i, j = lax.axis_index("m"), lax.axis_index("n")
   dtype = r["x"].dtype
   k_major = _k_major(dtype)
+  for n in biases:  # Fetched while the contraction runs.
+    plgpu.copy_gmem_to_smem(r[n].at[pl.ds(j * bn, bn)], bias_smem[n],
+                            barrier.at[biases.index(n)])
   t = _transforms(bk, dtype)
   specs = [plgpu.BlockSpec((bm, bk), lambda k: (i, k), transforms=t)
            if n in _LHS else
@@ -166,7 +183,16 @@ def _dense_body(*refs, names, out_names, acc_names, tiles, k_steps):
   plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=specs,
                       max_concurrent_steps=tiles.stages)(
                           *[r[n] for n in mats])
-  _dense_epilogue(r, acc, out_names)
+  for n in biases:
+    plgpu.barrier_wait(barrier.at[biases.index(n)])
+  values = _dense_epilogue(bias_smem, acc, out_names)
+  for o in out_names:
+    out_smem[o][...] = values[o].astype(out_smem[o].dtype)
+  plgpu.commit_smem()
+  for o in out_names:
+    plgpu.copy_smem_to_gmem(out_smem[o],
+                            r[o].at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)])
+  plgpu.wait_smem_to_gmem(0)
 
 
 def _bias(ref):
@@ -175,6 +201,7 @@ def _bias(ref):
 
 
 def _dense_epilogue(r, acc, out_names):
+  """{output: float32 value} from the accumulators and the bias blocks."""
   y = acc["y"][...]
   if "b" in r:
     y = y + lax.broadcast_in_dim(_bias(r["b"]), y.shape, [1])
@@ -190,9 +217,7 @@ def _dense_epilogue(r, acc, out_names):
       cross = 2.0 * acc["cross"][...]
       ddy = cross if ddy is None else ddy + cross
     values["ddy"] = ddy
-  for o in out_names:
-    r[o][...] = values[o].astype(r[o].dtype)
-  plgpu.commit_smem()
+  return values
 
 
 def _pad(a, shape):
@@ -216,36 +241,35 @@ def dense_jet(x, w, b, dx, dw, db, ddx, *, precision=None):
   mp = _round_up(m_dim, tiles.block_m)
   np_ = _round_up(n_dim, tiles.block_n)
   kp = _round_up(k_dim, tiles.block_k)
-  args, specs = [], []
+  args = []
   for n in names:
     a = given[n]
     if n in _LHS:
       args.append(_pad(a.reshape(m_dim, k_dim), (mp, kp)))
-      specs.append(pl.BlockSpec(memory_space=plgpu.GMEM))
     elif n in _RHS:
       a = _pad(a, (kp, np_))
       args.append(a.T if _k_major(dtype) else a)
-      specs.append(pl.BlockSpec(memory_space=plgpu.GMEM))
     else:
       args.append(_pad(a.astype(jnp.float32), (np_,)))
-      specs.append(plgpu.BlockSpec((tiles.block_n,), lambda i, j: (j,)))
   out_names = outputs(names)
   acc_names = accumulators(names)
-  out_spec = plgpu.BlockSpec((tiles.block_m, tiles.block_n),
-                             lambda i, j: (i, j),
-                             transforms=_transforms(tiles.block_n, dtype))
-  kernel = functools.partial(_dense_body, names=names, out_names=out_names,
-                    acc_names=acc_names, tiles=tiles, k_steps=kp // tiles.block_k)
-  outs = pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct((mp, np_), dtype) for _ in out_names],
-      grid=(mp // tiles.block_m, np_ // tiles.block_n),
-      in_specs=specs, out_specs=[out_spec] * len(out_names),
-      scratch_shapes=[plgpu.ACC((tiles.block_m, tiles.block_n), jnp.float32)
-                      for _ in acc_names],
-      compiler_params=plgpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel")),
-      name="dense_jet_mosaic_gpu",
+  n_bias = sum(n in names for n in ("b", "db"))
+  bm, bn = tiles.block_m, tiles.block_n
+  scratch = ([plgpu.ACC((bm, bn), jnp.float32) for _ in acc_names]
+             + [plgpu.SMEM((bm, bn), dtype,
+                           transforms=_transforms(bn, dtype))
+                for _ in out_names]
+             + [plgpu.SMEM((bn,), jnp.float32) for _ in range(n_bias)]
+             + ([plgpu.Barrier(num_barriers=n_bias)] if n_bias else []))
+  body = functools.partial(_dense_body, names=names, out_names=out_names,
+                           acc_names=acc_names, tiles=tiles,
+                           k_steps=kp // tiles.block_k)
+  outs = plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((mp, np_), dtype) for _ in out_names],
+      scratch_types=scratch,
+      grid=(mp // bm, np_ // bn), grid_names=("m", "n"),
+      kernel_name="dense_jet_mosaic_gpu",
   )(*args)
   out = {o: a[:m_dim, :n_dim].reshape(*batch_shape, n_dim)
          for o, a in zip(out_names, outs)}

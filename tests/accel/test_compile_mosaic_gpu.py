@@ -120,3 +120,35 @@ def test_default_stays_triton(h100):
 
   text = _text(h100, fn, args)
   assert text.count(TRITON) == 1 and MOSAIC not in text
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("present", [("x", "w"), ("x", "w", "dw", "db"),
+                                     ("x", "w", "b", "dx", "ddx"),
+                                     ("x", "w", "dx", "dw")],
+                         ids=lambda p: "+".join(p))
+def test_dense_jet_subsets_compile_as_one_mosaic_gpu_kernel(present, dtype,
+                                                            h100, record):
+  """Absent tangents and biases (the first layer's jet has no dx, ddx):
+  fewer accumulators, SMEM blocks and bias copies, still one kernel."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cdat_fast.kernels import dense_jet, mosaic_gpu  # pylint: disable=g-import-not-at-top
+  m, k, n = 2048, 512, 1024
+  dt = DTYPES[dtype]
+  shapes = dict(x=(m, k), w=(k, n), b=(n,), dx=(m, k), dw=(k, n), db=(n,),
+                ddx=(m, k))
+  order = ("x", "w", "b", "dx", "dw", "db", "ddx")
+  names = [n_ for n_ in order if n_ in present]
+  args = [jax.ShapeDtypeStruct(shapes[n_], dt) for n_ in names]
+
+  def fn(*a):
+    given = dict(zip(names, a))
+    return dense_jet(*[given.get(n_) for n_ in order],
+                     gpu_backend="mosaic_gpu")
+
+  compiled, sizes = _compile(h100, fn, args)
+  text = _text(h100, fn, args)
+  record(h100, dataclasses.replace(compiled, kernels=text.count(MOSAIC)))
+  assert text.count(MOSAIC) == 1 and TRITON not in text
+  tiles = mosaic_gpu.dense_tiles(tuple(names), m, n, dt)
+  assert sizes and tiles.smem_bytes <= max(sizes) <= MAX_SMEM
