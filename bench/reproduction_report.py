@@ -33,6 +33,12 @@ def _history(d: Path) -> dict[str, np.ndarray]:
     return {k: h[k] for k in h}
 
 
+def _loss(summary: dict) -> float:
+  """A run's final loss; a diverged run's (None) counts as inf."""
+  v = summary.get("final_loss")
+  return math.inf if v is None else float(v)
+
+
 def _seed_dirs(d: Path) -> list[Path]:
   """The finished runs (with a summary) of a variant's folder."""
   seeds = sorted(d.glob("seed=*")) or [d]
@@ -138,7 +144,7 @@ def edge_table(root: Path) -> str:
     if not vdir.is_dir():
       continue
     nums = [_edge_numbers(d) for d in _seed_dirs(vdir)]
-    loss = spread([json.loads((d / "summary.json").read_text())["final_loss"]
+    loss = spread([_loss(json.loads((d / "summary.json").read_text()))
                    for d in _seed_dirs(vdir)])
     c = lambda k: [n[k] for n in nums]  # noqa: E731
     lines.append(
@@ -189,7 +195,8 @@ def density_figure(root: Path, out: Path, variants=None) -> tuple[Path, str]:
   """
   lasts = {}
   for vdir in sorted((root / "mlp_edge").iterdir()):
-    if variants is not None and vdir.name not in variants:
+    if (variants is not None and vdir.name not in variants) or not (
+        vdir.is_dir() and _seed_dirs(vdir)):
       continue
     spec = _jsonl(_seed_dirs(vdir)[0] / "spectrum.jsonl")
     if spec:
@@ -303,10 +310,10 @@ def runs_table(root: Path, stage: str) -> str:
             for d in _seed_dirs(vdir) if (d / "summary.json").is_file()]
     if not sums:
       continue
-    row = spread([s["final_loss"] for s in sums])
+    row = spread([_loss(s) for s in sums])
     lines.append(
         f"| {vdir.name} | {format_spread(row)} ({len(sums)} seeds) |"
-        f" {_mm([s['final_learning_rate'] for s in sums])} |"
+        f" {_mm([s.get('final_learning_rate') for s in sums])} |"
         f" {_mm([s.get('test_accuracy') for s in sums])} |"
         f" {statistics.fmean(s['seconds'] for s in sums):.0f} |")
   return "\n".join(lines)
