@@ -42,23 +42,21 @@ VARIANTS = {
 }
 
 
-def _trainer(args, name: str) -> Trainer:
+def _config(args, name: str) -> TrainConfig:
   over = dict(VARIANTS[name])
   over.setdefault("learning_rate", args.lr)
-  cfg = TrainConfig(
+  return TrainConfig(
       dataset=args.dataset, subset=args.subset, width=args.width,
       loss="squared", steps=args.steps,
       curvature_batch=args.subset // 16 if name.endswith("sub16_gn") else None,
       optimizer=OptimizerConfig(**over))
-  return Trainer(cfg)
 
 
 def measure(args) -> dict:
   trainers, chunks = {}, {}
   dataset = None
   for name in args.variants:
-    t = _trainer(args, name) if dataset is None else Trainer(
-        _trainer(args, name).cfg, dataset=dataset)
+    t = Trainer(_config(args, name), dataset=dataset)  # the data loaded once
     dataset = t.dataset
     data = t._run_data()  # noqa: SLF001
     carry = t.init()

@@ -74,25 +74,18 @@ def compare_table(root: Path, stage: str, steps: int | None = None) -> str:
   return "\n".join(lines)
 
 
-def compare_figure(root: Path, stage: str, out: Path, labels=None,
-                   title: str = "") -> Path:
-  data = json.loads((root / stage / "compare.json").read_text())
+def _curves_figure(series, out: Path, title: str = "") -> Path:
+  """Loss (mean, min–max shaded) and learning rate of ``(label, dirs)`` series."""
   fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
-  for run in data["runs"]:
-    label = run["name"]
-    label = next((e["label"] for e in data["table"]
-                  if e.get("dir") == label or e["label"] == label), label)
-    if labels is not None and label not in labels:
-      continue
-    dirs = [Path(d) for d in run["dirs"]]
+  for label, dirs in series:
     mean, lo, hi = _curve_stats(dirs, "loss")
     steps = np.arange(1, len(mean) + 1)
     line, = ax_l.plot(steps, mean, label=label, lw=1)
     ax_l.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-    lr, _, _ = _curve_stats(dirs, "learning_rate")
-    ax_r.plot(steps, lr, color=line.get_color(), lw=1, label=label)
-  ax_l.set(xscale="log", yscale="log", xlabel="step",
-           ylabel="train loss (mean over seeds, min–max shaded)", title=title)
+    ax_r.plot(steps, _curve_stats(dirs, "learning_rate")[0], lw=1,
+              color=line.get_color())
+  ax_l.set(xscale="log", yscale="log", xlabel="step", title=title,
+           ylabel="train loss (mean over seeds, min–max shaded)")
   ax_r.set(xscale="log", yscale="log", xlabel="step",
            ylabel="learning rate (mean over seeds)")
   ax_l.legend(fontsize=7, ncol=2)
@@ -100,6 +93,19 @@ def compare_figure(root: Path, stage: str, out: Path, labels=None,
   fig.savefig(out, dpi=90)
   plt.close(fig)
   return out
+
+
+def compare_figure(root: Path, stage: str, out: Path, labels=None,
+                   title: str = "") -> Path:
+  data = json.loads((root / stage / "compare.json").read_text())
+  series = []
+  for run in data["runs"]:
+    label = next((e["label"] for e in data["table"]
+                  if e.get("dir") == run["name"] or e["label"] == run["name"]),
+                 run["name"])
+    if labels is None or label in labels:
+      series.append((label, [Path(d) for d in run["dirs"]]))
+  return _curves_figure(series, out, title)
 
 
 # -- the edge of stability (C2, C5) -------------------------------------------
@@ -321,26 +327,9 @@ def runs_table(root: Path, stage: str) -> str:
 
 def runs_figure(root: Path, stage: str, out: Path, title: str = "") -> Path:
   """Loss and learning rate of the runs ``stage/<variant>/seed=S``."""
-  fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
-  for vdir in sorted((root / stage).iterdir()):
-    dirs = [d for d in _seed_dirs(vdir) if (d / "history.npz").is_file()]
-    if not vdir.is_dir() or not dirs:
-      continue
-    mean, lo, hi = _curve_stats(dirs, "loss")
-    steps = np.arange(1, len(mean) + 1)
-    line, = ax_l.plot(steps, mean, lw=1, label=vdir.name)
-    ax_l.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-    ax_r.plot(steps, _curve_stats(dirs, "learning_rate")[0], lw=1,
-              color=line.get_color())
-  ax_l.set(xscale="log", yscale="log", xlabel="step", title=title,
-           ylabel="train loss (mean over seeds, min–max shaded)")
-  ax_r.set(xscale="log", yscale="log", xlabel="step",
-           ylabel="learning rate (mean over seeds)")
-  ax_l.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out, dpi=90)
-  plt.close(fig)
-  return out
+  series = [(vdir.name, _seed_dirs(vdir))
+            for vdir in sorted((root / stage).iterdir()) if vdir.is_dir()]
+  return _curves_figure([(n, d) for n, d in series if d], out, title)
 
 
 def main(argv=None) -> int:

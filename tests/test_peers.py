@@ -150,7 +150,6 @@ def test_compare_tunes_a_peer_on_its_own_grid(tmp_path):
   assert sophia.row["learning_rate"] == 0.01 and sophia.edges == []
   assert sophia.row["final_loss"] == pytest.approx(0.05)
   assert sophia.setting == "learning_rate 0.01"
-  assert (tmp_path / "sophia_learning_rate=0.01" / "seed=1").is_dir() is False
   assert sophia.runs.dirs[1] == tmp_path / "sophia_learning_rate=0.01" / "seed=1"
 
 
