@@ -40,6 +40,8 @@ Run (about 5-10 min on the 2-core host):
     build/accel-venv/bin/python bench/roofline.py --models mlp,nanolm \\
     --rows 256,1024,2048[,4096] [--kinds] [--json FILE]
   ... --layers   # one layer's jet, fused vs XLA's jvp-of-jvp
+  ... --layers --layer-dtypes f32,bf16   # every layer in each dtype (ids
+      # of the non-f32 dense, gelu and attention rows end in the dtype)
 """
 from __future__ import annotations
 
@@ -390,43 +392,62 @@ def _layer_norm(x, scale, bias, epsilon=1e-6):
   return xc * jax.lax.rsqrt(var + epsilon) * scale + bias
 
 
-def layer_cases():
+LAYER_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def layer_cases(dtypes=None):
   """{id: (fused fn, XLA fn, args, causal)}: one layer's jet, fused kernel
-  vs XLA's jvp-of-jvp, every tangent present; float32 except the layer
-  norm rows, which are float32 and bfloat16."""
+  vs XLA's jvp-of-jvp, every tangent present.
+
+  ``dtypes`` (tags of ``LAYER_DTYPES``): the inputs' and parameters' dtype
+  of every layer (the kernels and XLA's jet compute in it). ``None``, the
+  default, keeps the original set: float32 except the layer norm rows,
+  which are float32 and bfloat16. Ids of the dense, gelu and attention rows
+  end in the dtype's tag unless it is f32 (the original ids); the layer
+  norm ids always do.
+  """
   from cdat_fast import kernels  # pylint: disable=g-import-not-at-top
+  norm_tags = ("f32", "bf16") if dtypes is None else tuple(dtypes)
+  tags = ("f32",) if dtypes is None else tuple(dtypes)
   cases = {}
   # layer_norm_jet (x, scale, bias, dx, dscale, dbias, ddx): rows T, width
   # 1024; XLA's version is the same formula's jvp-of-jvp, in the inputs'
   # dtype (the outer tangent repeats the inner one and moves dx by ddx).
-  for dtype, tag in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+  for tag in norm_tags:
+    dtype = LAYER_DTYPES[tag]
     for t in (1024, 4096):
       x, v = _spec((t, 1024), dtype), _spec((1024,), dtype)
       cases[f"layer_norm {t}x1024 {tag}"] = (
           kernels.layer_norm_jet, _jet(_layer_norm, 3),
           (x, v, v, x, v, v, x), False)
-  for m, k, n in [(8192, 1024, 4096), (8192, 4096, 1024), (2048, 256, 256)]:
-    x, w, b = (_spec((m, k), jnp.float32), _spec((k, n), jnp.float32),
-               _spec((n,), jnp.float32))
-    cases[f"dense {m}x{k}->{n}"] = (
-        kernels.dense_jet, _jet(lambda x, w, b: x @ w + b, 3),
-        (x, w, b, x, w, b, x), False)
-  x = _spec((8192, 4096), jnp.float32)
-  cases["gelu 8192x4096"] = (
-      lambda *a: kernels.activation_jet(*a, activation="gelu"),
-      _jet(lambda x: jax.nn.gelu(x), 1), (x, x, x), False)
-  for b, h, t, d in [(2, 8, 2048, 64), (16, 8, 1024, 32)]:
-    x = _spec((b, h, t, d), jnp.float32)
-    cases[f"attention causal {b}x{h}x{t}x{d}"] = (
-        lambda *a: kernels.attention_jet(*a, causal=True),
-        _jet_all(_causal_attention, 3), (x,) * 9, True)
+  for tag in tags:
+    dtype, sfx = LAYER_DTYPES[tag], ("" if tag == "f32" else f" {tag}")
+    for m, k, n in [(8192, 1024, 4096), (8192, 4096, 1024), (2048, 256, 256)]:
+      x, w, b = (_spec((m, k), dtype), _spec((k, n), dtype),
+                 _spec((n,), dtype))
+      cases[f"dense {m}x{k}->{n}{sfx}"] = (
+          kernels.dense_jet, _jet(lambda x, w, b: x @ w + b, 3),
+          (x, w, b, x, w, b, x), False)
+  for tag in tags:
+    dtype, sfx = LAYER_DTYPES[tag], ("" if tag == "f32" else f" {tag}")
+    x = _spec((8192, 4096), dtype)
+    cases[f"gelu 8192x4096{sfx}"] = (
+        lambda *a: kernels.activation_jet(*a, activation="gelu"),
+        _jet(lambda x: jax.nn.gelu(x), 1), (x, x, x), False)
+  for tag in tags:
+    dtype, sfx = LAYER_DTYPES[tag], ("" if tag == "f32" else f" {tag}")
+    for b, h, t, d in [(2, 8, 2048, 64), (16, 8, 1024, 32)]:
+      x = _spec((b, h, t, d), dtype)
+      cases[f"attention causal {b}x{h}x{t}x{d}{sfx}"] = (
+          lambda *a: kernels.attention_jet(*a, causal=True),
+          _jet_all(_causal_attention, 3), (x,) * 9, True)
   return cases
 
 
-def layers(target, only=None):
+def layers(target, only=None, dtypes=None):
   print("| layer | impl | kernels | GFLOP | GB | roofline µs | temp MiB |")
   print("|---|---|---:|---:|---:|---:|---:|")
-  for name, (fused, xla, args, causal) in layer_cases().items():
+  for name, (fused, xla, args, causal) in layer_cases(dtypes).items():
     if only and not any(o in name for o in only.split(",")):
       continue
     for impl, fn, call_args in (("fused", fused, args),
@@ -453,6 +474,10 @@ def main(argv=None):
   parser.add_argument("--only", default=None,
                       help="with --layers: comma-separated substrings of "
                       "the layer ids to run (e.g. layer_norm)")
+  parser.add_argument("--layer-dtypes", default=None,
+                      help="with --layers: comma-separated dtypes (f32,bf16) "
+                      "of every layer; default: the original set (f32, and "
+                      "f32 and bf16 for layer_norm)")
   parser.add_argument("--markdown", action="store_true",
                       help="end with the model-step table in Markdown")
   parser.add_argument("--dtypes", default="f32",
@@ -461,7 +486,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   target = _gpu_target("h100")
   if args.layers:
-    layers(target, args.only)
+    layers(target, args.only,
+           args.layer_dtypes.split(",") if args.layer_dtypes else None)
     return
   rows_out = []
   grid = [(model_name, int(rows), tag)
