@@ -252,8 +252,11 @@ def _dense_op(precision, dtype, fused: bool):
         None if a is None else a.astype(target) for a in (*args, *dargs, ddx))
     kernel, bias = _as_matrix(x, kernel, bias)
     dkernel, dbias = _as_matrix(x, dkernel, dbias)
-    return kernels.dense_jet(x, kernel, bias, dx, dkernel, dbias, ddx,
-                             precision=precision)
+    y, dy, ddy = kernels.dense_jet(x, kernel, bias, dx, dkernel, dbias, ddx,
+                                   precision=precision)
+    if ddx is None and (dx is None or dkernel is None):
+      ddy = None  # Known zero (e.g. the first layer's): passed on symbolically.
+    return y, dy, ddy
 
   return _jet_op(dense, dense_fused if fused else None)
 

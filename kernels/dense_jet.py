@@ -17,8 +17,11 @@ Pallas kernel, tiled over rows (tokens) and output columns, which reads each
 block of :math:`x, \\dot x, \\ddot x, W, \\dot W` once per contraction step and
 accumulates the three outputs in float32.
 
-Sizes that do not divide the block sizes are zero-padded (the padding adds
-nothing to the contraction and is sliced off the outputs). Leading batch
+Rows and columns that do not divide the tiles are zero-padded (sliced off
+the outputs). The contraction is not padded to its block on GPU and CPU: the
+kernel loops over whole blocks, then over power-of-two pieces of the rest,
+so only a contraction that is not a multiple of 16 is padded (zeros add
+nothing to it); the TPU version pads it to its block. Leading batch
 dimensions of ``x`` are flattened into rows. Two versions are built and the
 one for the platform lowered for is kept (:mod:`.lowering`): with
 power-of-two blocks, the contraction looped inside the kernel (Triton on GPU,
@@ -121,26 +124,61 @@ def _dot(precision):
       jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _dense_jet_kernel(*refs, names, out_names, block_k, num_k, precision):
+def _k_chunks(k_dim: int, block_k: int) -> tuple[int, tuple[int, ...]]:
+  """The contraction's split: ``(full, tail)`` with ``k_dim = full·block_k
+  + sum(tail)``, ``tail`` powers of two in decreasing order.
+
+  ``k_dim`` is a multiple of 16 here (:func:`_contraction`), so every tail
+  piece is a power of two of at least 16, as Triton's ``dot`` needs: the
+  contraction runs over the operands as they are, without padding them to
+  ``block_k`` (a padded copy of ``x`` and ``W`` is temporary memory that
+  XLA may keep live across the whole step).
+  """
+  full, rest = divmod(k_dim, block_k)
+  tail = []
+  while rest:
+    piece = 1 << (rest.bit_length() - 1)
+    tail.append(piece)
+    rest -= piece
+  return full, tuple(tail)
+
+
+def _contraction(k_dim: int) -> int:
+  """The contraction length the Triton/interpreter kernel runs over: ``k_dim``
+  rounded up to 16 (padding only sizes that are not multiples of 16)."""
+  return _round_up(k_dim, 16)
+
+
+def _dense_jet_kernel(*refs, names, out_names, block_k, num_k, tail,
+                      precision):
   """Triton/interpreter body: one (block_m, block_n) tile of y, dy, ddy.
 
   ``refs`` are the input refs named by ``names`` (lhs blocks ``(block_m, K)``,
   rhs blocks ``(K, block_n)``, bias blocks ``(1, block_n)``) followed by the
-  output refs named by ``out_names``; the contraction is looped here.
+  output refs named by ``out_names``; the contraction is looped here:
+  ``num_k`` steps of ``block_k``, then the static ``tail`` pieces
+  (:func:`_k_chunks`).
   """
   r = dict(zip(names + out_names, refs))
   bm, bn = r["y"].shape
+  dot = _dot(precision)
 
-  def body(k, acc):
-    ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-
+  def chunk(ks, acc):
     def load(name):
       return r[name][:, ks] if name in _LHS else r[name][ks, :]
 
-    return _accumulate(acc, load, r.__contains__, _dot(precision))
+    return _accumulate(acc, load, r.__contains__, dot)
+
+  def body(k, acc):
+    return chunk(pl.ds(pl.multiple_of(k * block_k, block_k), block_k), acc)
 
   zeros = jnp.zeros((bm, bn), jnp.float32)
-  _store(r, lax.fori_loop(0, num_k, body, (zeros, zeros, zeros)))
+  acc = lax.fori_loop(0, num_k, body, (zeros, zeros, zeros))
+  start = num_k * block_k
+  for piece in tail:
+    acc = chunk(pl.ds(start, piece), acc)
+    start += piece
+  _store(r, acc)
 
 
 def _dense_jet_tpu_kernel(*refs, names, out_names, precision):
@@ -207,7 +245,9 @@ def _dense_jet_pallas(config: _Config, target, x, w, b, dx, dw, db, ddx):
   m_dim = math.prod(batch_shape)
   dtype = x.dtype
   bm, bn, bk = _blocks(config, target, m_dim, k_dim, n_dim, dtype)
-  mp, np_, kp = _round_up(m_dim, bm), _round_up(n_dim, bn), _round_up(k_dim, bk)
+  mp, np_ = _round_up(m_dim, bm), _round_up(n_dim, bn)
+  kp = (_round_up(k_dim, bk) if target.kind == lowering.TPU
+        else _contraction(k_dim))
   lhs_spec, rhs_spec, vec_spec, out_spec = _specs(target, bm, bn, bk, kp)
   formats = {  # name -> (padded operand, its BlockSpec)
       "lhs": (lambda a: _pad2(a.reshape(m_dim, k_dim), mp, kp), lhs_spec),
@@ -236,8 +276,9 @@ def _dense_jet_pallas(config: _Config, target, x, w, b, dx, dw, db, ddx):
     params = lowering.compiler_params(
         target, dimension_semantics=("parallel", "parallel", "arbitrary"))
   else:
-    kernel = functools.partial(_dense_jet_kernel, block_k=bk, num_k=kp // bk,
-                               **static)
+    num_k, tail = _k_chunks(kp, bk)
+    kernel = functools.partial(_dense_jet_kernel, block_k=bk, num_k=num_k,
+                               tail=tail, **static)
     grid, scratch = (mp // bm, np_ // bn), ()
     params = lowering.compiler_params(
         target, num_warps=config.num_warps, num_stages=config.num_stages)

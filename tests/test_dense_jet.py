@@ -41,6 +41,33 @@ def test_matches_reference_f32(blocks):
   _assert_close(out, dense_jet_reference(*args), rtol=1e-5, atol=1e-5)
 
 
+# Contractions past whole blocks: 24 is padded to 32; 48 = 32 + 16;
+# 112 = 3·32 + 16; 240 = 3·64 + 32 + 16 (two tail pieces).
+@pytest.mark.parametrize("k, block_k", [(24, 32), (48, 32), (112, 32),
+                                        (240, 64)])
+def test_contraction_tail_pieces(k, block_k):
+  rng = np.random.default_rng(k)
+  shapes = [(40, k), (k, 24), (24,), (40, k), (k, 24), (24,), (40, k)]
+  args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+  out = dense_jet(*args, interpret=True, block_k=block_k)
+  _assert_close(out, dense_jet_reference(*args), rtol=1e-5, atol=1e-4)
+
+
+def test_gpu_version_does_not_pad_the_contraction():
+  # 784 = 24·32 + 16: lowered for CUDA, the Triton kernel reads x and W as
+  # they are (a padded copy would be temporary memory for the whole step).
+  shapes = [(128, 784), (784, 64), (64,), None, (784, 64), None, None]
+  avals = [None if s is None else jax.ShapeDtypeStruct(s, jnp.float32)
+           for s in shapes]
+  exported = export.export(
+      jax.jit(dense_jet), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(
+          "__gpu$xla.gpu.triton")])(*avals)
+  text = exported.mlir_module()
+  assert text.count("custom_call @__gpu$xla.gpu.triton(") == 1
+  assert "stablehlo.pad" not in text
+
+
 def test_matches_jvp_of_jvp_of_plain_layer():
   x, w, b, dx, dw, db, ddx = _inputs(1)
   plain = lambda x, w, b: x @ w + b

@@ -189,6 +189,31 @@ def test_mlp_jvp_of_jvp_matches_flax_and_is_fused(mlp_problem):
                            "activation_jet_gelu", "activation_jet_tanh"])
 
 
+def test_first_layer_passes_its_zero_second_order_tangent_symbolically(
+    mlp_problem):
+  # The input has no tangent, so the first Dense layer's ddy (ddx W + 2 dx dW)
+  # is zero: the relu after it gets no ddx operand (a materialised zero
+  # array would be temporary memory of the activations' size), yet the
+  # result is the exact one (test above). The second activation gets one.
+  p, u = mlp_problem["params"], mlp_problem["u"]
+  operands = {}
+
+  def walk(jaxpr):
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        operands.setdefault(str(eqn.params.get("name")), len(eqn.invars))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None),
+                                             "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(_quad(mlp_problem["jet"]))(p, u))
+  assert operands["activation_jet_relu"] == 2  # x, dx
+  assert operands["activation_jet_gelu"] == 3  # x, dx, ddx
+
+
 def test_mlp_different_directions_take_exact_fallback(mlp_problem):
   p, u, v = mlp_problem["params"], mlp_problem["u"], mlp_problem["v"]
   jet = _jit_jvp_of_jvp(mlp_problem["jet"], p, u, v)
