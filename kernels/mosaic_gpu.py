@@ -1,39 +1,47 @@
 """Mosaic GPU versions of :func:`~.dense_jet` and :func:`~.activation_jet`.
 
 JAX 0.11 deprecates Pallas' Triton backend; Mosaic GPU (``plgpu``) is the
-GPU backend Pallas keeps. These are the two kernels' versions for it, built
-when ``gpu_backend="mosaic_gpu"`` is asked for (the kernels' argument, or
-the environment variable ``CDAT_FAST_GPU_BACKEND=mosaic_gpu`` read when a
-call is traced; :func:`.lowering.gpu_backend`). They run on CUDA only
-(Hopper, sm_90: the matmuls are warpgroup MMAs); CPU keeps the interpreter
-of the Triton version, ROCm the Triton version.
+GPU backend Pallas keeps. These are the two kernels' versions for it, both
+built with ``plgpu.kernel`` (not ``pl.pallas_call``, whose Mosaic GPU path
+JAX deprecates), when ``gpu_backend="mosaic_gpu"`` is asked for (the
+kernels' argument, or the environment variable
+``CDAT_FAST_GPU_BACKEND=mosaic_gpu`` read when a call is traced;
+:func:`.lowering.gpu_backend`). They run on CUDA only (Hopper, sm_90: TMA,
+and the matmuls are warpgroup MMAs); CPU keeps the interpreter of the
+Triton version, ROCm the Triton version.
 
 dense_jet
-  Built with ``plgpu.kernel`` (not ``pl.pallas_call``, whose Mosaic GPU
-  backend JAX deprecates): grid ``(rows / block_m, columns / block_n)``
-  named ``("m", "n")``, inputs and outputs in GMEM. The bias blocks are
-  copied to SMEM by TMA while the contraction runs, and the outputs are
-  written to SMEM blocks and copied out by TMA. Each program streams the
-  contraction through shared memory with ``plgpu.emit_pipeline`` (TMA copies,
-  ``stages`` blocks in flight) and accumulates
-  ``y = x W``, ``ẏ = ẋ W + x Ẇ``, ``ÿ = ẍ W`` and ``ẋ Ẇ`` in four (or
-  fewer, for absent tangents) float32 WGMMA register accumulators;
-  ``ÿ += 2 ẋ Ẇ`` and the biases are added in the epilogue, as in the
-  reference. WGMMA rules: ``block_m`` a multiple of 64, ``block_n`` a
-  multiple of 8 up to 256, the contraction block one 128-byte swizzle
-  (64 bf16/f16 or 32 f32 elements). float32 operands are multiplied as
-  TF32 (Mosaic GPU's WGMMA has no full-f32 mode), like Triton's default
-  ``jnp.dot`` precision; ``precision=HIGHEST`` is refused.
+  Grid ``(rows / block_m, columns / block_n)`` named ``("m", "n")``,
+  inputs and outputs in GMEM. The bias blocks are copied to SMEM by TMA
+  while the contraction runs, and the outputs are written to SMEM blocks
+  and copied out by TMA. Each program streams the contraction through
+  shared memory with ``plgpu.emit_pipeline`` (TMA copies, ``stages`` blocks
+  in flight) and accumulates ``y = x W``, ``ẏ = ẋ W + x Ẇ``, ``ÿ = ẍ W``
+  and ``ẋ Ẇ`` in four (or fewer, for absent tangents) float32 WGMMA
+  register accumulators; ``ÿ += 2 ẋ Ẇ`` and the biases are added in the
+  epilogue, as in the reference. WGMMA rules: ``block_m`` a multiple of 64,
+  ``block_n`` a multiple of 8 up to 256, the contraction block one 128-byte
+  swizzle (64 bf16/f16 or 32 f32 elements). float32 operands are
+  multiplied as TF32 (Mosaic GPU's WGMMA has no full-f32 mode), like
+  Triton's default ``jnp.dot`` precision; ``precision=HIGHEST`` is refused.
   Tiles (:func:`dense_tiles`): accumulators within 128 registers per thread
   (``accumulators * block_m * block_n <= 128 * 128``), then as many
   pipeline stages (at most 4) as fit :data:`SMEM_BYTES` beside the output
   blocks. Sizes are zero-padded to the tiles, as in the Triton version.
 
 activation_jet
-  Memory-bound and elementwise: the ``(rows, 128)`` view of the Triton
-  version, ``block_rows`` per program (64 by default), the same kernel
-  body (closed-form derivatives in float32 registers), two blocks in
-  flight.
+  Grid ``rows / block_rows`` named ``("rows",)`` over the Triton version's
+  ``(rows, 128)`` view (zero-padded to ``block_rows``, 64 by default),
+  inputs and outputs in GMEM. Each program streams its ``block_rows`` rows
+  through shared memory with ``plgpu.emit_pipeline``: ``(step_rows, 128)``
+  blocks of every input copied in by TMA, two steps in flight, the Triton
+  version's body (closed-form derivatives in float32 registers) run on the
+  SMEM blocks, and the output blocks copied out by TMA while the next step
+  computes. Tiles (:func:`activation_tiles`): ``step_rows = min(block_rows,
+  16)`` (16 float32 values per thread and array in a warpgroup of 128
+  threads), the blocks within half of :data:`SMEM_BYTES` so that two
+  programs share an SM (96 KiB with ``ddx`` in float32, 48 KiB in
+  bfloat16).
 
 Under a device mesh both are partitioned by rows like every kernel
 (:mod:`.partitioning`: XLA calls back with the per-device shapes and this
@@ -65,6 +73,9 @@ _SWIZZLE = 128  # bytes: the contraction block's row in shared memory
 _ACC_ELEMENTS = 128 * 128  # f32 accumulator elements per warpgroup (128 regs)
 _LHS = ("x", "dx", "ddx")
 _RHS = ("w", "dw")
+_LANES = 128  # activation_jet's rows: 128 elements
+_STEP_ROWS = 16  # activation_jet: 16 float32 values a thread per array
+_ACT_STAGES = 2
 
 
 class Tiles(NamedTuple):
@@ -277,21 +288,65 @@ def dense_jet(x, w, b, dx, dw, db, ddx, *, precision=None):
   return (y, out.get("dy", jnp.zeros_like(y)), out.get("ddy", jnp.zeros_like(y)))
 
 
+class ActivationTiles(NamedTuple):
+  """One activation_jet Mosaic GPU instance's pipeline."""
+  step_rows: int  # rows of 128 per pipeline step (one TMA block per array)
+  steps: int  # pipeline steps per program (``block_rows / step_rows``)
+  stages: int  # steps in flight
+  smem_bytes: int  # shared memory the pipeline's blocks take
+
+
+def activation_tiles(block_rows: int, arrays: int, dtype,
+                     smem_bytes: int = SMEM_BYTES) -> ActivationTiles:
+  """Pipeline for activation_jet: ``block_rows`` rows per program.
+
+  A step moves a ``(step_rows, 128)`` block of each of the ``arrays`` inputs
+  and outputs; a warpgroup's 128 threads then hold ``step_rows`` float32
+  values of each array, so ``step_rows`` is at most :data:`_STEP_ROWS`.
+  ``stages`` steps are in flight, each array's ``stages`` blocks in SMEM:
+  ``arrays * stages * step_rows * 128 * itemsize`` bytes, within half of
+  ``smem_bytes`` so that two programs share an SM.
+  """
+  if block_rows < 1 or block_rows & (block_rows - 1):
+    raise ValueError(f"block_rows must be a power of two, got {block_rows}")
+  step_rows = min(block_rows, _STEP_ROWS)
+  steps = block_rows // step_rows
+  block_bytes = step_rows * _LANES * jnp.dtype(dtype).itemsize
+  stages = min(_ACT_STAGES, steps,
+               (smem_bytes // 2) // (arrays * block_bytes))
+  if stages < 1:  # pragma: no cover - 16 rows always fit.
+    raise ValueError(f"activation_jet blocks do not fit {smem_bytes} bytes")
+  return ActivationTiles(step_rows, steps, stages,
+                         arrays * stages * block_bytes)
+
+
 def activation_jet(kernel, block_rows: int, x, dx, ddx, *, name: str):
   """activation_jet's Mosaic GPU version on the padded ``(rows, 128)`` views.
 
-  ``kernel`` is the Triton version's body (the same refs); ``x, dx, ddx``
-  are the tiled views (``ddx`` may be None).
+  ``kernel`` is the Triton version's body (the same refs, here SMEM blocks);
+  ``x, dx, ddx`` are the tiled views (``ddx`` may be None), ``rows`` a
+  multiple of ``block_rows``. Program ``i`` of the grid ``rows /
+  block_rows`` pipelines its rows through SMEM (:func:`activation_tiles`).
   """
   rows, lanes = x.shape
+  if rows % block_rows:
+    raise ValueError(f"block_rows must divide the rows ({rows}), got"
+                     f" {block_rows}")
   args = [x, dx] + ([ddx] if ddx is not None else [])
-  spec = plgpu.BlockSpec((block_rows, lanes), lambda i: (i, 0))
-  return pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct((rows, lanes), x.dtype)] * 3,
-      grid=(rows // block_rows,),
-      in_specs=[spec] * len(args), out_specs=[spec] * 3,
-      compiler_params=plgpu.CompilerParams(
-          dimension_semantics=("parallel",), max_concurrent_steps=2),
-      name=name,
+  tiles = activation_tiles(block_rows, len(args) + 3, x.dtype)
+
+  def body(*refs):
+    i = lax.axis_index("rows")
+    spec = plgpu.BlockSpec((tiles.step_rows, lanes),
+                           lambda s: (i * tiles.steps + s, 0))
+    plgpu.emit_pipeline(
+        lambda _, *blocks: kernel(*blocks), grid=(tiles.steps,),
+        in_specs=[spec] * len(args), out_specs=[spec] * 3,
+        max_concurrent_steps=tiles.stages)(*refs)
+
+  return plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((rows, lanes), x.dtype)] * 3,
+      grid=(rows // block_rows,), grid_names=("rows",),
+      kernel_name=name,
   )(*args)

@@ -44,6 +44,57 @@ def test_dense_tiles_fit_wgmma_registers_and_shared_memory(dtype):
       assert t.smem_bytes <= mosaic_gpu.SMEM_BYTES
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("arrays", [5, 6])  # without and with ddx
+def test_activation_tiles_split_the_program_rows_and_fit(arrays, dtype):
+  itemsize = jnp.dtype(dtype).itemsize
+  for block_rows in (1, 2, 8, 16, 64, 512, 4096):
+    t = mosaic_gpu.activation_tiles(block_rows, arrays, dtype)
+    assert t.step_rows * t.steps == block_rows
+    assert t.step_rows <= 16  # float32 values a thread holds per array
+    assert 1 <= t.stages <= min(2, t.steps)
+    assert t.smem_bytes == arrays * t.stages * t.step_rows * 128 * itemsize
+    assert t.smem_bytes <= mosaic_gpu.SMEM_BYTES // 2  # two programs an SM
+  assert mosaic_gpu.activation_tiles(64, 6, jnp.float32) == (16, 4, 2, 98304)
+  assert mosaic_gpu.activation_tiles(8, 6, jnp.float32) == (8, 1, 1, 24576)
+
+
+def test_activation_tiles_shrink_stages_to_the_shared_memory():
+  t = mosaic_gpu.activation_tiles(64, 6, jnp.float32, smem_bytes=2 * 60000)
+  assert t.stages == 1 and t.smem_bytes == 6 * 16 * 128 * 4
+
+
+def test_activation_jet_block_rows_are_checked():
+  x = jnp.zeros((96, 128))
+  with pytest.raises(ValueError, match="block_rows"):
+    mosaic_gpu.activation_tiles(48, 6, jnp.float32)
+  with pytest.raises(ValueError, match="block_rows"):
+    mosaic_gpu.activation_jet(None, 64, x, x, None, name="t")
+
+
+@pytest.mark.parametrize("has_ddx", [True, False])
+def test_activation_jet_is_a_plgpu_kernel_not_a_pallas_call(has_ddx):
+  """Traced on CPU: one Mosaic GPU kernel (``plgpu.kernel``), its outputs
+  copied out by TMA, and no ``pl.pallas_call`` (deprecated on Mosaic GPU)."""
+  x = jax.ShapeDtypeStruct((192, 128), jnp.bfloat16)
+
+  def body(x_ref, dx_ref, *refs):  # y = x, dy = dx, ddy = x dx (+ ddx)
+    *ddx_ref, y_ref, dy_ref, ddy_ref = refs
+    y_ref[...] = x_ref[...]
+    dy_ref[...] = dx_ref[...]
+    ddy = x_ref[...] * dx_ref[...]
+    ddy_ref[...] = (ddy + ddx_ref[0][...]) if ddx_ref else ddy
+
+  def fn(x):
+    return mosaic_gpu.activation_jet(body, 64, x, x, x if has_ddx else None,
+                                     name="activation_jet_test")
+
+  text = str(jax.make_jaxpr(fn)(x))
+  assert "pallas_call[" not in text
+  assert "copy_smem_to_gmem[" in text
+  assert jax.eval_shape(fn, x) == [x] * 3
+
+
 def test_accumulators_and_outputs():
   assert mosaic_gpu.accumulators(NAMES) == ("y", "dy", "ddy", "cross")
   assert mosaic_gpu.outputs(("x", "w")) == ("y",)

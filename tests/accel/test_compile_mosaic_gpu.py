@@ -3,7 +3,9 @@
 Each compile must hold the kernel as one Mosaic GPU custom call
 (``mosaic_gpu_v2``) and no Triton call, and the shared memory Mosaic GPU
 allots the kernel (read while it is lowered) must fit an sm_90 block's
-232448 bytes and agree with :func:`kernels.mosaic_gpu.dense_tiles`.
+232448 bytes and agree with :func:`kernels.mosaic_gpu.dense_tiles` and
+:func:`kernels.mosaic_gpu.activation_tiles`. Lowering must raise no
+``DeprecationWarning`` (``pl.pallas_call`` on Mosaic GPU raises one).
 
 What this proves without a device: Pallas' Mosaic GPU lowering accepts the
 kernels (WGMMA shapes and dtypes, layouts, the shared-memory check) and XLA
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 
 import jax.numpy as jnp
 import pytest
@@ -26,7 +29,17 @@ pytestmark = pytest.mark.accel
 MAX_SMEM = 232448  # H100/H200 shared memory per block, opt-in
 MOSAIC = 'custom_call_target="mosaic_gpu_v2"'
 TRITON = 'custom_call_target="__gpu$xla.gpu.triton"'
-ACTIVATION = [("gelu", (8192, 4096)), ("silu", (4096, 1000))]
+# (activation, shape, ddx given): every activation; 1000x999 and 5x100 are
+# zero-padded to the tiles (7808 and 64 rows of 128 for the kernel).
+ACTIVATION = [("gelu", (8192, 4096), True), ("silu", (4096, 1000), True),
+              ("relu", (8192, 1024), True), ("tanh", (1000, 999), True),
+              ("gelu", (1000, 999), False), ("silu", (5, 100), True)]
+
+
+def _activation_id(case):
+  activation, shape, has_ddx = case
+  return "-".join([activation, "x".join(map(str, shape))]
+                  + ([] if has_ddx else ["no_ddx"]))
 
 
 @contextlib.contextmanager
@@ -46,11 +59,36 @@ def _smem_allotted():
     core._smem_tree_size = original  # pylint: disable=protected-access
 
 
+@contextlib.contextmanager
+def _deprecations():
+  """The DeprecationWarnings raised inside, every time.
+
+  ``pl.pallas_call``'s Mosaic GPU lowering warns only until Pallas has
+  registered its Mosaic GPU rule (the first Mosaic GPU kernel lowered in
+  the process, ``plgpu.kernel``'s too); the rule is taken out meanwhile so
+  that a ``pallas_call`` warns whatever was lowered before.
+  """
+  from jax._src.pallas import core as pallas_core  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  rules = pallas_core._backend_lowering_rules  # pylint: disable=protected-access
+  rule = rules.pop(plgpu.CompilerParams, None)
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      yield caught
+  finally:
+    if rule is not None:
+      rules[plgpu.CompilerParams] = rule
+
+
 def _compile(h100, fn, args):
   import jax  # pylint: disable=g-import-not-at-top
   jax.clear_caches()  # Lower afresh, so the shared memory is read.
-  with _smem_allotted() as sizes:
+  with _smem_allotted() as sizes, _deprecations() as caught:
     compiled = compile_for(h100.device, fn, args, h100.compiler_options)
+  deprecated = [str(w.message) for w in caught
+                if issubclass(w.category, DeprecationWarning)]
+  assert not deprecated, deprecated
   return compiled, sizes
 
 
@@ -89,23 +127,27 @@ def test_dense_jet_compiles_as_one_mosaic_gpu_kernel(mkn, dtype, h100,
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("case", ACTIVATION, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", ACTIVATION, ids=_activation_id)
 def test_activation_jet_compiles_as_one_mosaic_gpu_kernel(case, dtype, h100,
                                                           record):
   import jax  # pylint: disable=g-import-not-at-top
-  from cdat_fast.kernels import activation_jet  # pylint: disable=g-import-not-at-top
-  activation, shape = case
-  args = [jax.ShapeDtypeStruct(shape, DTYPES[dtype])] * 3
+  from cdat_fast.kernels import activation_jet, mosaic_gpu  # pylint: disable=g-import-not-at-top
+  activation, shape, has_ddx = case
+  dt = DTYPES[dtype]
+  args = [jax.ShapeDtypeStruct(shape, dt)] * (3 if has_ddx else 2)
 
-  def fn(x, dx, ddx):
-    return activation_jet(x, dx, ddx, activation=activation,
+  def fn(*a):
+    return activation_jet(*a, activation=activation,
                           gpu_backend="mosaic_gpu")
 
   compiled, sizes = _compile(h100, fn, args)
   text = _text(h100, fn, args)
   record(h100, dataclasses.replace(compiled, kernels=text.count(MOSAIC)))
   assert text.count(MOSAIC) == 1 and TRITON not in text
-  assert sizes and max(sizes) <= MAX_SMEM
+  rows = -(-shape[0] * shape[1] // 128)
+  block_rows = min(64, 1 << (rows - 1).bit_length())  # the Triton tiles
+  tiles = mosaic_gpu.activation_tiles(block_rows, len(args) + 3, dt)
+  assert sizes and tiles.smem_bytes <= max(sizes) <= MAX_SMEM // 2
   assert compiled.total_bytes < h100.memory_bytes
 
 
