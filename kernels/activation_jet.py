@@ -181,6 +181,10 @@ def _activation_jet_pallas(config: _Config, target, x, dx, ddx):
       grid=(rows_p // block_rows,),
       in_specs=[spec] * len(args),
       out_specs=[spec] * 3,
+      # In place: each program reads its block of x, dx, ddx before writing
+      # y, dy, ddy there, so the outputs take the inputs' buffers (XLA copies
+      # an input first if it is still needed after the call).
+      input_output_aliases={i: i for i in range(len(args))},
       interpret=target.interpret,
       compiler_params=lowering.compiler_params(
           target, num_warps=config.num_warps,

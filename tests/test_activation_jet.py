@@ -82,6 +82,23 @@ def test_rejects_unknown_activation():
     activation_jet(x, dx, ddx, activation="softplus", interpret=True)
 
 
+@pytest.mark.parametrize("with_ddx, aliased", [(True, 3), (False, 2)])
+def test_gpu_version_writes_in_place(with_ddx, aliased):
+  # y, dy, ddy take the buffers of x, dx, ddx (elementwise, block by block):
+  # in a jet chain the outputs then need no buffers of their own.
+  from jax import export  # pylint: disable=g-import-not-at-top
+  a = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+  fn = jax.jit(lambda x, dx, *ddx: activation_jet(x, dx, *ddx,
+                                                  activation="gelu"))
+  exported = export.export(
+      fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+              a, a, *([a] if with_ddx else []))
+  text = exported.mlir_module()
+  assert text.count("custom_call @__gpu$xla.gpu.triton(") == 1
+  assert text.count("stablehlo.output_operand_alias<") == aliased
+
+
 @pytest.mark.parametrize("platform, calls", [("cpu", 0), ("cuda", 1),
                                              ("tpu", 1)])
 def test_lowered_for_the_platform_lowered_for(platform, calls, kernel_calls):

@@ -189,3 +189,41 @@ def cdat_step_case(name: str):
             for f in dataclasses.fields(model) if f.name not in
             ("parent", "name")}
   return step, (params, state, inputs, labels), count(config)
+
+
+def mlp_step_pair(rows: int):
+  """``(base_step, cdat_step, args)`` on the tier's fused MLP at batch ``rows``.
+
+  ``base_step``: value, gradient and SGD; ``cdat_step``: the same through
+  ``cdat_fast.cdat(optax.sgd(1.0))`` (the exact curvature, one jet of every
+  fused layer). Both take ``(params, state, inputs, labels)``.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  import cdat_fast  # pylint: disable=g-import-not-at-top
+  from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
+  _, overrides, shape, _ = MODELS["mlp"]
+  model = models.get_model("mlp", 10, fused=True, **overrides)
+  inputs = _spec((rows,) + shape[1:], jnp.float32)
+  labels = _spec((rows,), jnp.int32)
+  params = jax.eval_shape(
+      lambda x: models.init_params(model, jax.random.key(0), x), inputs)
+  opt = cdat_fast.cdat(optax.sgd(1.0))
+  state = jax.eval_shape(opt.init, params)
+
+  def loss(p, inputs, labels):
+    logits = model.apply({"params": p}, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+
+  def base_step(params, state, inputs, labels):
+    grad = jax.grad(loss)(params, inputs, labels)
+    return jax.tree.map(lambda w, g: w - 0.1 * g, params, grad), state
+
+  def cdat_step(params, state, inputs, labels):
+    value, grad = jax.value_and_grad(loss)(params, inputs, labels)
+    updates, state = opt.update(
+        grad, state, params, value=value,
+        value_fn=lambda p: loss(p, inputs, labels))
+    return optax.apply_updates(params, updates), state
+
+  return base_step, cdat_step, (params, state, inputs, labels)
