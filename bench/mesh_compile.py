@@ -307,41 +307,7 @@ def _custom_calls(text: str) -> dict[str, int]:
   return out
 
 
-_CHAIN_RE = re.compile(r'chain_id="([^"]*)"')
-_HLO_LINE_RE = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\(")
-_LAYOUT_RE = re.compile(r"\{[^{}]*\}")
-
-
-def merge_async_copies(text: str) -> tuple[str, int]:
-  """The HLO text with one copy of each TPU async collective; how many more.
-
-  libtpu's async collective fusion runs a collective alongside compute by
-  splitting its steps over several fusions: the one that starts it (an
-  ``AsyncCollectiveStart`` custom call), ``async_collective_fusion``
-  continuations that compute while it proceeds, and the one that ends it.
-  Each of them holds the whole collective instruction (same channel,
-  replica groups, operand and result shapes; ``async_collective_fusion_config``
-  says which of its steps run there), tagged with the same
-  ``frontend_attributes={chain_id="N"}``. :func:`sharding.hlo_collectives`
-  reads every instruction line as a collective, so a chain of k fusions
-  counted k times. This keeps the first line of each chain (chain id,
-  opcode, result shape without layout, replica groups); other lines,
-  including those of another platform (no chain ids), are kept as they are.
-  """
-  seen, out, dropped = set(), [], 0
-  for line in text.splitlines():
-    chain, m = _CHAIN_RE.search(line), _HLO_LINE_RE.match(line)
-    if chain and m and m.group(2).removesuffix("-start") in KINDS:
-      groups = re.search(r"replica_groups=(\S+(?:\s*\{[^}]*\})?)", line)
-      key = (chain.group(1), m.group(2), _LAYOUT_RE.sub("", m.group(1)),
-             groups.group(1) if groups else None)
-      if key in seen:
-        dropped += 1
-        continue
-      seen.add(key)
-    out.append(line)
-  return "\n".join(out), dropped
+merge_async_copies = sharding.merge_async_copies
 
 
 def compile_step(problem, variant, mesh, m) -> dict:
@@ -364,7 +330,8 @@ def compile_step(problem, variant, mesh, m) -> dict:
   mem = compiled.memory_analysis()
   merged, copies = merge_async_copies(text)
   stats = sharding.hlo_collectives(merged)
-  raw = sharding.hlo_collectives(text) if copies else stats
+  raw = (sharding.hlo_collectives(text, merge_async=False) if copies
+         else stats)
   return {
       "seconds": round(time.perf_counter() - t0, 1),
       "argument_bytes": int(mem.argument_size_in_bytes),

@@ -595,13 +595,50 @@ def _wire_bytes(kind: str, nbytes: int, group: int | None) -> int | None:
   return int(round(factor * nbytes))
 
 
-def hlo_collectives(hlo_text: str) -> dict[str, Any]:
+_CHAIN_RE = re.compile(r'chain_id="([^"]*)"')
+_LAYOUT_RE = re.compile(r"\{[^{}]*\}")
+_GROUPS_RE = re.compile(r"replica_groups=(\S+(?:\s*\{[^}]*\})?)")
+
+
+def merge_async_copies(hlo_text: str) -> tuple[str, int]:
+  """The HLO text with one copy of each TPU async collective; how many more.
+
+  libtpu's async collective fusion runs a collective alongside compute by
+  splitting its steps over several fusions: the one that starts it, the
+  ``async_collective_fusion`` continuations that compute while it
+  proceeds, and the one that ends it. Each holds the whole collective
+  instruction (same channel, replica groups and shapes), tagged with one
+  ``frontend_attributes={chain_id="N"}``, so read line by line a chain of k
+  fusions is k collectives. This keeps the first line of each chain (by
+  chain id, opcode, result shape without layout and replica groups); every
+  other line, including all of a program without chain ids (GPU, CPU), is
+  kept as it is.
+  """
+  seen, out, dropped = set(), [], 0
+  for line in hlo_text.splitlines():
+    chain, m = _CHAIN_RE.search(line), _INSTR_RE.match(line)
+    if chain and m and m.group(3).removesuffix("-start") in COLLECTIVES:
+      groups = _GROUPS_RE.search(line)
+      key = (chain.group(1), m.group(3), _LAYOUT_RE.sub("", m.group(2)),
+             groups.group(1) if groups else None)
+      if key in seen:
+        dropped += 1
+        continue
+      seen.add(key)
+    out.append(line)
+  return "\n".join(out), dropped
+
+
+def hlo_collectives(hlo_text: str, *, merge_async: bool = True
+                    ) -> dict[str, Any]:
   """Collectives and host transfers in an HLO module's text.
 
   Counts every collective (``all-reduce``, ``all-gather``,
   ``reduce-scatter``, ``all-to-all``, ``collective-permute``, sync or the
   ``-start`` of an async pair) and sums the bytes of its operands, per
-  device. A collective inside a loop body is counted once.
+  device. A collective inside a loop body is counted once, and so is a TPU
+  async collective whose steps libtpu spread over several fusions
+  (:func:`merge_async_copies`; ``merge_async=False`` counts every line).
 
   Returns:
     ``{"count": {kind: n}, "bytes": {kind: b}, "total_bytes": b,
@@ -616,6 +653,8 @@ def hlo_collectives(hlo_text: str) -> dict[str, Any]:
     ``host_transfers`` the send/recv/infeed/outfeed instructions and
     ``callbacks`` the custom calls into the host (Python callbacks).
   """
+  if merge_async:
+    hlo_text, _ = merge_async_copies(hlo_text)
   shapes: dict[str, str] = {}
   instrs = []
   for line in hlo_text.splitlines():

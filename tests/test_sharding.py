@@ -195,6 +195,43 @@ def test_init_distributed_is_a_noop_without_configuration(monkeypatch):
     sharding.init_distributed(num_processes=2)
 
 
+def test_merge_async_copies_counts_each_chain_once():
+  # libtpu's async collective fusion puts the whole collective in the
+  # fusion that starts it, in each continuation and in the one that ends
+  # it, all tagged with one chain_id; a sync collective has none.
+  ag = ("  %all-gather.{n} = f32[1024,256]{{1,0:T(8,128){s}}} all-gather("
+        "%p.{n}), channel_id=40, replica_groups=mesh['axis_0'=4,'axis_1'=4]"
+        " {{'axis_0'}}, dimensions={{0}}, frontend_attributes={{chain_id="
+        '"{c}"}}')
+  text = "\n".join([
+      "%start (p.1: f32[256,256]) -> f32[1024,256] {",
+      "  %p.1 = f32[256,256]{1,0} parameter(0)",
+      ag.format(n=1, s="", c=51), "}",
+      "%continuation (p.2: f32[256,256]) -> f32[1024,256] {",
+      "  %p.2 = f32[256,256]{1,0} parameter(0)",
+      ag.format(n=2, s="S(1)", c=51), "}",
+      "%done (p.3: f32[256,256]) -> f32[1024,256] {",
+      "  %p.3 = f32[256,256]{1,0} parameter(0)",
+      ag.format(n=3, s="", c=51), "}",
+      "%other (p.4: f32[256,256]) -> f32[1024,256] {",
+      "  %p.4 = f32[256,256]{1,0} parameter(0)",
+      ag.format(n=4, s="", c=52), "}",
+      "ENTRY %main (p.5: f32[256,256]) -> f32[1024,256] {",
+      "  %p.5 = f32[256,256]{1,0} parameter(0)",
+      "  ROOT %all-gather.5 = f32[1024,256]{1,0} all-gather(%p.5),"
+      " replica_groups=[4,4]<=[16], dimensions={0}", "}"])
+  raw = sharding.hlo_collectives(text, merge_async=False)
+  assert raw["count"]["all-gather"] == 5
+  assert sharding.hlo_collectives(text)["count"]["all-gather"] == 3
+  merged, dropped = sharding.merge_async_copies(text)
+  stats = sharding.hlo_collectives(merged)
+  assert dropped == 2
+  assert stats["count"]["all-gather"] == 3  # chains 51, 52 and the sync one
+  assert stats["total_bytes"] == 3 * 256 * 256 * 4
+  no_chains = text.replace("chain_id", "other_id")
+  assert sharding.merge_async_copies(no_chains) == (no_chains, 0)
+
+
 def test_hlo_collectives_parses_operands():
   text = """
 HloModule m

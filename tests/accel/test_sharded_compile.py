@@ -9,7 +9,8 @@ batch 1536) with flax's layers, and with the fused layers (their kernels
 partitioned by rows, ``kernels/partitioning.py``: the fused tests), and the
 fused NanoLM under FSDP on the v5e (CDAT gathers what the bare jvp-of-jvp
 gathers, each TPU async collective counted once:
-``mesh_compile.merge_async_copies``, checked on its own on a made-up HLO).
+``sharding.merge_async_copies``, checked on a made-up HLO in
+``tests/test_sharding.py``).
 
 What must hold on every mesh, as ``tests/sharding_checks.py`` checks on 8
 fake CPU devices: the CDAT step compiles, and its collectives beyond those of
@@ -178,43 +179,6 @@ def test_fused_cdat_step_on_a_data_parallel_mesh_sends_only_scalars(target,
   # step on 8 H100) and the TPU step did not compile.
   out = fused_steps(target, spec)
   assert out["cdat"]["sent_bytes"] - out["base"]["sent_bytes"] <= SCALAR_BYTES
-
-
-def test_merge_async_copies_counts_each_chain_once():
-  # libtpu's async collective fusion puts the whole collective in the
-  # fusion that starts it, in each continuation and in the one that ends
-  # it, all tagged with one chain_id; a sync collective has none.
-  mc = _bench()
-  from cdat_fast import sharding  # pylint: disable=g-import-not-at-top
-  ag = ("  %all-gather.{n} = f32[1024,256]{{1,0:T(8,128){s}}} all-gather("
-        "%p.{n}), channel_id=40, replica_groups=mesh['axis_0'=4,'axis_1'=4]"
-        " {{'axis_0'}}, dimensions={{0}}, frontend_attributes={{chain_id="
-        '"{c}"}}')
-  text = "\n".join([
-      "%start (p.1: f32[256,256]) -> f32[1024,256] {",
-      "  %p.1 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=1, s="", c=51), "}",
-      "%continuation (p.2: f32[256,256]) -> f32[1024,256] {",
-      "  %p.2 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=2, s="S(1)", c=51), "}",
-      "%done (p.3: f32[256,256]) -> f32[1024,256] {",
-      "  %p.3 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=3, s="", c=51), "}",
-      "%other (p.4: f32[256,256]) -> f32[1024,256] {",
-      "  %p.4 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=4, s="", c=52), "}",
-      "ENTRY %main (p.5: f32[256,256]) -> f32[1024,256] {",
-      "  %p.5 = f32[256,256]{1,0} parameter(0)",
-      "  ROOT %all-gather.5 = f32[1024,256]{1,0} all-gather(%p.5),"
-      " replica_groups=[4,4]<=[16], dimensions={0}", "}"])
-  assert sharding.hlo_collectives(text)["count"]["all-gather"] == 5
-  merged, dropped = mc.merge_async_copies(text)
-  stats = sharding.hlo_collectives(merged)
-  assert dropped == 2
-  assert stats["count"]["all-gather"] == 3  # chains 51, 52 and the sync one
-  assert stats["total_bytes"] == 3 * 256 * 256 * 4
-  no_chains = text.replace("chain_id", "other_id")
-  assert mc.merge_async_copies(no_chains) == (no_chains, 0)
 
 
 @functools.lru_cache(maxsize=None)
