@@ -1,9 +1,14 @@
-"""The fused kernels compiled on a GPU (Triton lowering) against their references.
+"""The fused kernels compiled on a GPU against their references.
 
+Triton for every kernel; Mosaic GPU (``gpu_backend="mosaic_gpu"``,
+kernels/mosaic_gpu.py) for the kernels that have it, skipped with the
+reason where Pallas has no Mosaic GPU or the GPU is older than sm_90.
 Skipped (reported) where JAX sees no GPU; the same checks run in interpret
 mode on the CPU in test_dense_jet.py, test_activation_jet.py and
 test_layer_norm_jet.py and test_attention_jet.py, and tests/accel compiles
 the kernels for an H100 from a CPU host (no device, nothing run).
+bench/gpu_kernels.py (bash bench/device_check.sh) checks them at the
+compile tier's sizes too and times them.
 """
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,60 @@ from cdat_fast.kernels import (activation_jet, activation_jet_reference,
                                layer_norm_jet_reference)
 
 pytestmark = pytest.mark.gpu
+
+# Custom-call targets of each GPU backend's kernels in compiled HLO.
+CALLS = {"triton": 'custom_call_target="__gpu$xla.gpu.triton"',
+         "mosaic_gpu": 'custom_call_target="mosaic_gpu'}
+
+
+def _mosaic_gpu_missing():
+  """Why Mosaic GPU cannot run here, or None."""
+  try:
+    from cdat_fast.kernels import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    return f"kernels.mosaic_gpu: {type(e).__name__}: {e}"
+  if mosaic_gpu.plgpu is None:
+    return "jax.experimental.pallas.mosaic_gpu is not importable"
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return "no device"
+  cc = getattr(device, "compute_capability", None)
+  try:
+    major = int(str(cc).split(".")[0])
+  except ValueError:
+    return f"no CUDA compute capability ({device.platform})"
+  if major < 9:
+    return f"compute capability {cc} < 9.0 (WGMMA)"
+  return None
+
+
+def _backend(name):
+  """``name`` as a parameter, Mosaic GPU skipped where it cannot run."""
+  if name == "triton":
+    return name
+
+  def marks():
+    why = _mosaic_gpu_missing() if any(
+        d.platform == "gpu" for d in _devices()) else "no GPU"
+    return [pytest.mark.skipif(why is not None, reason=f"mosaic_gpu: {why}")]
+  return pytest.param(name, marks=marks(), id=name)
+
+
+def _devices():
+  try:
+    return jax.devices()
+  except RuntimeError:
+    return []
+
+
+BACKENDS = [_backend("triton"), _backend("mosaic_gpu")]
+
+
+def _compiled(fn, *args):
+  """(outputs, compiled HLO text) of ``jax.jit(fn)``."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled(*args), compiled.as_text()
 
 
 def _normal(seed, shapes, dtype=jnp.float32):
@@ -31,22 +90,40 @@ def _close(actual, expected, tol):
                                np.asarray(e, np.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows, k, n", [(74, 19, 53), (1024, 512, 384)])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-2), (jnp.bfloat16,
                                                                1e-1)])
-def test_dense_jet_compiled(rows, k, n, dtype, tol):
-  # f32 tolerance allows TF32 matmuls on the GPU.
+def test_dense_jet_compiled(rows, k, n, dtype, tol, backend):
+  # f32 tolerance allows TF32 matmuls on the GPU (Mosaic GPU: always TF32).
   args = _normal(rows + k, [(rows, k), (k, n), (n,), (rows, k), (k, n), (n,),
                             (rows, k)], dtype)
-  out = jax.jit(lambda *a: dense_jet(*a, interpret=False))(*args)
+  out, text = _compiled(lambda *a: dense_jet(*a, interpret=False,
+                                             gpu_backend=backend), *args)
+  assert text.count(CALLS[backend]) == 1
   _close(out, jax.jit(dense_jet_reference)(*args), tol * np.sqrt(k))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_jet_compiled_absent_tangents(backend):
+  # No biases; then the first layer (dx = ddx = None).
+  x, w, dx, dw, ddx = _normal(6, [(200, 96), (96, 80), (200, 96), (96, 80),
+                                  (200, 96)])
+  for args in ((x, w, None, dx, dw, None, ddx), (x, w, None, None, dw, None,
+                                                 None)):
+    out, _ = _compiled(lambda *a: dense_jet(*a, interpret=False,
+                                            gpu_backend=backend), *args)
+    _close(out, jax.jit(dense_jet_reference)(*args), 2e-2 * np.sqrt(96))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "silu"])
-def test_activation_jet_compiled(activation):
+def test_activation_jet_compiled(activation, backend):
   x, dx, ddx = _normal(1, [(300, 129)] * 3)
-  out = jax.jit(lambda *a: activation_jet(*a, activation=activation,
-                                          interpret=False))(x, dx, ddx)
+  out, text = _compiled(lambda *a: activation_jet(
+      *a, activation=activation, interpret=False, gpu_backend=backend),
+                        x, dx, ddx)
+  assert text.count(CALLS[backend]) == 1
   _close(out, activation_jet_reference(x, dx, ddx, activation=activation),
          1e-4)
 
@@ -78,8 +155,9 @@ def test_attention_jet_compiled_bf16():
   _close(out, ref, 1e-1)
 
 
-def test_default_lowering_is_the_triton_kernel():
+def test_default_lowering_is_the_triton_kernel(monkeypatch):
   # interpret=None on a GPU: one Triton kernel per call, no interpreter.
+  monkeypatch.delenv("CDAT_FAST_GPU_BACKEND", raising=False)
   x, w = _normal(5, [(256, 128), (128, 64)])
   fn = jax.jit(lambda x, w: dense_jet(x, w, None, x, w, None, x))
   text = fn.lower(x, w).compile().as_text()
