@@ -175,10 +175,6 @@ def scale_by_cdat(
     if params is None:
       raise ValueError("scale_by_cdat.update needs params (the current point)")
     dtype = state.learning_rate.dtype
-    # Each leaf of u materialised once: otherwise XLA recomputes a cheap u
-    # (SGD's -g) from g inside the final update, which keeps g live beside u
-    # through the curvature's jet (docs/accelerators.md, compiled memory).
-    updates = jax.tree.map(jax.lax.optimization_barrier, updates)
     objective = Objective("scale_by_cdat", value_fn, model_fn, loss_fn,
                           extra_args)
     slope = (None if grad is None
