@@ -27,7 +27,8 @@ Sections, each a list of cases, run in this order under one time budget:
   4096x1024; then the bf16 versions the roofline can also estimate):
   fused-triton, fused-mosaic_gpu (where the kernel has it) and XLA's
   jvp-of-jvp compiled in one process and timed in interleaved repeats
-  (median, min, max, spread), beside the roofline estimate of
+  (median, min, max, spread; TFLOP/s and GB/s of the fused kernel's work,
+  counted as bench/roofline.py does), beside the roofline estimate of
   bench/RESULTS.md ("Session 4: roofline and compiled memory", "Session 5:
   layer_norm_jet per layer and bf16 models").
 ``models``
@@ -1026,6 +1027,26 @@ def _layer_list(run):
   return out
 
 
+def layer_work(layer_id, specs):
+  """(FLOPs, bytes) of one layer's fused jet, bench/roofline.py's way:
+  dense 5 matmuls of 2·M·K·N, attention 12·2·B·H·T²·D (halved causal),
+  gelu 30 and layer norm 40 FLOPs per element; bytes every input read and
+  the three outputs written once."""
+  x = specs[0]
+  item = jnp.dtype(x.dtype).itemsize
+  read = sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in specs)
+  if layer_id.startswith("dense"):
+    (m, k), n = x.shape, specs[1].shape[1]
+    return 5 * 2.0 * m * k * n, read + 3 * m * n * item
+  out = 3 * math.prod(x.shape) * item
+  if layer_id.startswith("attention"):
+    *bh, t, d = x.shape
+    flops = 12 * 2.0 * math.prod(bh) * t * t * d
+    return flops * (0.5 if "causal" in layer_id else 1.0), read + out
+  per = 30 if layer_id.startswith("gelu") else 40  # per output element
+  return per * 3.0 * math.prod(x.shape), read + out
+
+
 def layers(run, kernels):
   backends = run.doc["meta"]["backends"]
   repeats = 3 if run.args.dry_run else run.args.repeats
@@ -1042,6 +1063,8 @@ def layers(run, kernels):
            "dtype": str(specs[0].dtype), "impls": {}}
     est = ROOFLINE_LAYERS_US.get(layer_id)
     rec["roofline_us"] = ({"fused": est[0], "xla": est[1]} if est else None)
+    flops, nbytes = layer_work(layer_id, specs)
+    rec.update(flops=flops, bytes=nbytes)
     args = _materialize(specs)
     impls = {}
     for b in BACKENDS:
@@ -1090,6 +1113,9 @@ def layers(run, kernels):
         continue
       floor = run.doc["meta"].get("dispatch_floor_us", 0.0)
       r["dispatch_bound"] = med < 2 * floor
+      # The fused kernel's work over this time (XLA's moves more bytes).
+      r["tflops"] = flops / med / 1e6
+      r["gbps"] = nbytes / med / 1e3
       if est:
         r["measured_over_roofline"] = med / (est[1] if name == "xla"
                                              else est[0])
@@ -1332,13 +1358,14 @@ def markdown(doc) -> str:
     out += [f"Dispatch floor {m.get('dispatch_floor_us', 0):.1f} µs per call "
             "(times under twice it are marked: the host set them).", "",
             "| layer | impl | measured µs (min–max) | roofline µs | "
-            "measured / roofline | XLA / this | compile s |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+            "measured / roofline | XLA / this | TFLOP/s | GB/s | compile s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in lay:
       est = c.get("roofline_us") or {}
       for name, r in c["impls"].items():
         if "median_us" not in r:
-          out.append(f"| {c['id']} | {name} | {r.get('status')} | | | | |")
+          out.append(f"| {c['id']} | {name} | {r.get('status')} "
+                     "| | | | | | |")
           continue
         roof = est.get("xla" if name == "xla" else "fused")
         mor = r.get("measured_over_roofline")
@@ -1348,7 +1375,8 @@ def markdown(doc) -> str:
             f"{' (dispatch)' if r.get('dispatch_bound') else ''} "
             f"({_fmt_us(r['min_us'])}–{_fmt_us(r['max_us'])}) | "
             f"{_fmt_us(roof)} | {f'{mor:.2f}' if mor else '-'} | "
-            f"{f'{xot:.2f}' if xot else '-'} | {r.get('compile_s', '-')} |")
+            f"{f'{xot:.2f}' if xot else '-'} | {r['tflops']:.1f} | "
+            f"{r['gbps']:.0f} | {r.get('compile_s', '-')} |")
     out.append("")
   mod = doc["sections"].get("models", {}).get("cases", [])
   if mod:
