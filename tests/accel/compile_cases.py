@@ -191,39 +191,50 @@ def cdat_step_case(name: str):
   return step, (params, state, inputs, labels), count(config)
 
 
-def mlp_step_pair(rows: int):
-  """``(base_step, cdat_step, args)`` on the tier's fused MLP at batch ``rows``.
+def step_pair(name: str, shape: tuple[int, ...], curvature: str = "exact"):
+  """``(base_step, cdat_step, args)`` on the fused model ``MODELS[name]``.
 
-  ``base_step``: value, gradient and SGD; ``cdat_step``: the same through
-  ``cdat_fast.cdat(optax.sgd(1.0))`` (the exact curvature, one jet of every
-  fused layer). Both take ``(params, state, inputs, labels)``.
+  ``shape``: the inputs' (images ``(rows, H, W, C)``, tokens
+  ``(sequences, T)``). ``base_step``: value, gradient and SGD;
+  ``cdat_step``: the same through ``cdat_fast.cdat(optax.sgd(1.0))`` with
+  ``curvature`` ``"exact"`` (one jet of every fused layer) or
+  ``"sub16_gn"`` (Gauss-Newton on every 16th row). Both take
+  ``(params, state, inputs, labels)``.
   """
   import optax  # pylint: disable=g-import-not-at-top
   import cdat_fast  # pylint: disable=g-import-not-at-top
+  from cdat_fast import estimators  # pylint: disable=g-import-not-at-top
   from cdat_fast.harness import models  # pylint: disable=g-import-not-at-top
-  _, overrides, shape, _ = MODELS["mlp"]
-  model = models.get_model("mlp", 10, fused=True, **overrides)
-  inputs = _spec((rows,) + shape[1:], jnp.float32)
-  labels = _spec((rows,), jnp.int32)
+  registry_name, overrides, _, _ = MODELS[name]
+  language = registry_name.startswith("nanolm")
+  model = models.get_model(registry_name, 65 if language else 10, fused=True,
+                           **overrides)
+  if language:
+    inputs = labels = _spec(shape, jnp.int32)
+  else:
+    inputs, labels = _spec(shape, jnp.float32), _spec(shape[:1], jnp.int32)
   params = jax.eval_shape(
       lambda x: models.init_params(model, jax.random.key(0), x), inputs)
-  opt = cdat_fast.cdat(optax.sgd(1.0))
+  opt = cdat_fast.cdat(optax.sgd(1.0), curvature=(
+      "exact" if curvature == "exact" else
+      estimators.subbatch(1 / 16, inner=estimators.gauss_newton())))
   state = jax.eval_shape(opt.init, params)
-
-  def loss(p, inputs, labels):
-    logits = model.apply({"params": p}, inputs)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels).mean()
+  model_fn = lambda p, batch: model.apply({"params": p}, batch["x"])
+  loss_fn = lambda z, batch: (
+      optax.softmax_cross_entropy_with_integer_labels(z, batch["y"]).mean())
+  value_fn = lambda p, batch: loss_fn(model_fn(p, batch), batch)
+  functions = (dict(value_fn=value_fn) if curvature == "exact"
+               else dict(model_fn=model_fn, loss_fn=loss_fn))
 
   def base_step(params, state, inputs, labels):
-    grad = jax.grad(loss)(params, inputs, labels)
+    grad = jax.grad(value_fn)(params, {"x": inputs, "y": labels})
     return jax.tree.map(lambda w, g: w - 0.1 * g, params, grad), state
 
   def cdat_step(params, state, inputs, labels):
-    value, grad = jax.value_and_grad(loss)(params, inputs, labels)
-    updates, state = opt.update(
-        grad, state, params, value=value,
-        value_fn=lambda p: loss(p, inputs, labels))
+    batch = {"x": inputs, "y": labels}
+    value, grad = jax.value_and_grad(value_fn)(params, batch)
+    updates, state = opt.update(grad, state, params, value=value,
+                                batch=batch, **functions)
     return optax.apply_updates(params, updates), state
 
   return base_step, cdat_step, (params, state, inputs, labels)

@@ -8,7 +8,7 @@ per block); one model is compiled for it to check its target description.
 import pytest
 
 from compile_cases import (cdat_step_case, compile_for, kernel_cases,
-                           mlp_step_pair, MODELS)
+                           MODELS, step_pair)
 
 pytestmark = pytest.mark.accel
 
@@ -41,18 +41,33 @@ def test_h200_target_compiles_a_cdat_step(h200, record):
   assert compiled.total_bytes < h200.memory_bytes
 
 
-@pytest.mark.parametrize("rows", [2048, 4096])
-def test_fused_mlp_cdat_step_temp_within_5_percent_of_base(rows, h100):
-  # The jet needs x, dx, ddx in and y, dy, ddy out of one layer at a time,
-  # fewer activations than the backward pass keeps, so from a few thousand
-  # rows the CDAT step should need no more temporaries than the base step.
-  # Padding the contraction (784 -> 800 copied x, W and dW) or a
-  # materialised zero ddy broke this (1.29x at 4096 rows). At 1024 rows and
-  # below the six activations, and u beside g, outweigh the base step's
-  # activations (1.61x at 1024; docs/accelerators.md).
-  base_step, cdat_step, args = mlp_step_pair(rows)
+# (model, inputs' shape, curvature, fused kernels in the CDAT step, bound
+# on its temporaries over the base step's). The target is 1.05; the
+# sub-batch steps compile to 1.000-1.005 and are held to 1.02, under what
+# they were (1.043 and 1.06) when the sub-batch ran early.
+NEAR_BASE = [
+    ("mlp", (2048, 28, 28, 1), "exact", 7, 1.05),
+    ("mlp", (4096, 28, 28, 1), "exact", 7, 1.05),
+    ("mlp", (2048, 28, 28, 1), "sub16_gn", 0, 1.02),
+    ("nanolm-paper-T1024", (16, 1024), "sub16_gn", 0, 1.02),
+]
+
+
+@pytest.mark.parametrize("model,shape,curvature,kernels,bound", NEAR_BASE)
+def test_cdat_step_temp_near_base(model, shape, curvature, kernels, bound,
+                                  h100):
+  # The exact jet needs x, dx, ddx in and y, dy, ddy out of one layer at a
+  # time, fewer activations than the backward pass keeps, so from a few
+  # thousand rows the CDAT step should need no more temporaries than the
+  # base step. Padding dense_jet's contraction (784 -> 800 copied x, W and
+  # dW) or a materialised zero ddy broke this for the MLP (1.29x at 4096
+  # rows); at 1024 rows and below the six activations, and u beside g,
+  # outweigh the base step's (1.61x at 1024). The sub-batch's primal pass,
+  # run early beside the backward pass, made the sub-batch step 1.04-1.06x
+  # (docs/accelerators.md).
+  base_step, cdat_step, args = step_pair(model, shape, curvature)
   base = compile_for(h100.device, base_step, args, h100.compiler_options)
   cdat = compile_for(h100.device, cdat_step, args, h100.compiler_options)
-  assert cdat.kernels == 7
-  assert cdat.temp_bytes <= 1.05 * base.temp_bytes, (cdat.temp_bytes,
-                                                      base.temp_bytes)
+  assert cdat.kernels == kernels
+  assert cdat.temp_bytes <= bound * base.temp_bytes, (cdat.temp_bytes,
+                                                       base.temp_bytes)

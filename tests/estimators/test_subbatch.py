@@ -108,6 +108,26 @@ def test_slices_nested_batches_and_only_the_named_arguments():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("after", [1.5, -jnp.inf, jnp.inf, jnp.nan])
+def test_rows_made_to_wait_keep_their_values(after):
+  # sub_batch_args(..., after=) makes the rows depend on a scalar of u (so
+  # XLA cannot run the sub-batch early); whatever the scalar, NaN and Inf
+  # included, every row, integer or float, keeps its value bit for bit.
+  from cdat_fast.estimators.interface import Objective  # pylint: disable=g-import-not-at-top
+  from cdat_fast.estimators.subbatch import sub_batch_args  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray([[0.5, -0.0], [jnp.nan, 3.0], [-2.0, jnp.inf]])
+  tokens = jnp.arange(3, dtype=jnp.int32)
+  objective = Objective("test", lambda p, x, t: 0.0, None, None,
+                        dict(x=x, t=tokens))
+  plain = sub_batch_args(objective, 1, None)
+  late = jax.jit(lambda a: sub_batch_args(objective, 1, None, a))(after)
+  for name in ("x", "t"):
+    assert late[name].dtype == plain[name].dtype
+    np.testing.assert_array_equal(
+        np.asarray(late[name]).view(np.uint32 if name == "x" else np.int32),
+        np.asarray(plain[name]).view(np.uint32 if name == "x" else np.int32))
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(scale=2.0), "'scale'"),  # a float has no batch axis
     (dict(scale=jnp.float32(2.0)), "'scale'"),  # nor a scalar array
