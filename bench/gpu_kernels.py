@@ -611,78 +611,8 @@ def attention_args(shape, dtype, seed=0):
   return tuple(_randn(k, shape, dtype) for k in keys)
 
 
-def _jet(f, n_primal):
-  """XLA's jvp-of-jvp of ``f`` (primals, tangents, the first primal's second
-  tangent) -> (y, dy, ddy); bench/roofline.py's, for when it is missing."""
-  def run(*args):
-    primals, tangents = args[:n_primal], args[n_primal:2 * n_primal]
-    ddx = args[2 * n_primal]
-
-    def inner(*p_and_dx):
-      p, dx = p_and_dx[:n_primal], p_and_dx[n_primal]
-      return jax.jvp(f, p, (dx,) + tuple(tangents[1:]))
-    (y, dy), (_, ddy) = jax.jvp(inner, tuple(primals) + (tangents[0],),
-                                tuple(tangents) + (ddx,))
-    return y, dy, ddy
-  return run
-
-
-def _jet_all(f, n):
-  def run(*args):
-    p, d, dd = args[:n], args[n:2 * n], args[2 * n:3 * n]
-    inner = lambda *pd: jax.jvp(f, pd[:n], pd[n:])
-    (y, dy), (_, ddy) = jax.jvp(inner, p + d, d + dd)
-    return y, dy, ddy
-  return run
-
-
-def _causal_attention(q, k, v):
-  t = q.shape[-2]
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
-  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
-  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
-
-
-def _layer_norm(x, scale, bias, epsilon=1e-6):
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  xc = x - mean
-  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-  return xc * jax.lax.rsqrt(var + epsilon) * scale + bias
-
-
 def _spec(shape, dtype):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-
-def _local_layer_cases(dtypes):
-  """bench/roofline.py's layer_cases (same ids), should it not import."""
-  cases = {}
-  for tag in dtypes:
-    dt = DTYPES[tag]
-    for t in (1024, 4096):
-      x, v = _spec((t, 1024), dt), _spec((1024,), dt)
-      cases[f"layer_norm {t}x1024 {tag}"] = (
-          None, _jet(_layer_norm, 3), (x, v, v, x, v, v, x), False)
-  for tag in dtypes:
-    dt, sfx = DTYPES[tag], ("" if tag == "f32" else f" {tag}")
-    for m, k, n in [(8192, 1024, 4096), (8192, 4096, 1024), (2048, 256, 256)]:
-      x, w, b = _spec((m, k), dt), _spec((k, n), dt), _spec((n,), dt)
-      cases[f"dense {m}x{k}->{n}{sfx}"] = (
-          None, _jet(lambda x, w, b: x @ w + b, 3), (x, w, b, x, w, b, x),
-          False)
-    x = _spec((8192, 4096), dt)
-    cases[f"gelu 8192x4096{sfx}"] = (None, _jet(jax.nn.gelu, 1), (x, x, x),
-                                     False)
-    for b, h, t, d in [(2, 8, 2048, 64), (16, 8, 1024, 32)]:
-      x = _spec((b, h, t, d), dt)
-      cases[f"attention causal {b}x{h}x{t}x{d}{sfx}"] = (
-          None, _jet_all(_causal_attention, 3), (x,) * 9, True)
-  return cases
-
-
-# ---------------------------------------------------------------------------
-# 1. Correctness.
-# ---------------------------------------------------------------------------
 
 
 def _kernel_fn(kernels, name, backend, interpret, **kw):
@@ -1004,15 +934,7 @@ def _layer_list(run):
   """[(id, roofline id, xla fn, specs)], the estimated ones first."""
   source = "bench/roofline.py layer_cases"
   dtypes = ("f32", "bf16")
-  try:
-    roofline = _import_roofline()
-    try:
-      cases = roofline.layer_cases(dtypes)
-    except TypeError:  # layer_cases() without dtypes: f32 + layer_norm bf16
-      cases = roofline.layer_cases()
-  except Exception as e:  # pylint: disable=broad-except
-    source = f"local copy (bench/roofline.py: {_short(e)})"
-    cases = _local_layer_cases(dtypes)
+  cases = _import_roofline().layer_cases(dtypes)
   run.section["xla_source"] = source
   out = []
   for layer_id, (_, xla, specs, _) in cases.items():

@@ -65,7 +65,21 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from compile_cases import KERNEL_TARGETS  # noqa: E402
-from conftest import _gpu_target  # noqa: E402
+
+
+def _accel_conftest():
+  """tests/accel/conftest.py, loaded by path: under pytest the name
+  ``conftest`` is the tests' top-level one."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "accel" / (
+      "conftest.py")
+  spec = importlib.util.spec_from_file_location("_accel_conftest", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_gpu_target = _accel_conftest()._gpu_target
 
 PEAK_BF16 = 790e12
 PEAK_F32 = 495e12  # TF32 tensor cores, H100 SXM
