@@ -52,6 +52,16 @@ from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 CURVATURES = ("exact", "secant", "gauss_newton")
 
 
+# Leaves of u at least this large are materialised once (scale_by_cdat).
+_MATERIALISE_ELEMENTS = 1 << 16
+
+
+def _materialise_large(u: jax.Array) -> jax.Array:
+  if jnp.size(u) < _MATERIALISE_ELEMENTS:
+    return u
+  return jax.lax.optimization_barrier(u)
+
+
 class CDATState(NamedTuple):
   """State of :func:`scale_by_cdat`. Scalars are float32 (float64 in x64 mode).
 
@@ -179,6 +189,11 @@ def scale_by_cdat(
                           extra_args)
     slope = (None if grad is None
              else treemath.vdot(grad, updates).astype(dtype))
+    # Each large leaf of u materialised once, after gᵀu: otherwise XLA
+    # recomputes a cheap u (SGD's -g) from g in the final update, which keeps
+    # g live beside u through the curvature's jet. Small leaves are left to
+    # XLA's fusion (a barrier costs a kernel there and saves little).
+    updates = jax.tree.map(_materialise_large, updates)
     estimate, estimator_state = estimator.update(
         state.estimator, params, updates, objective, slope=slope, value=value,
         learning_rate=state.learning_rate)
