@@ -43,11 +43,16 @@ def test_h200_target_compiles_a_cdat_step(h200, record):
 
 # (model, inputs' shape, curvature, fused kernels in the CDAT step, bound
 # on its temporaries over the base step's). The target is 1.05; the
-# sub-batch steps compile to 1.000-1.005 and are held to 1.02, under what
-# they were (1.043 and 1.06) when the sub-batch ran early.
+# sub-batch steps compile to 1.000-1.01 and are held to 1.02, under what
+# they were (1.043, 1.06, 2.18) when the sub-batch ran early or g was held
+# beside u. The MLP's exact step at 1024 rows misses the target (1.21: six
+# activations and u against the base step's five) and is held to 1.30,
+# under the 1.61 it was with g beside u.
 NEAR_BASE = [
+    ("mlp", (1024, 28, 28, 1), "exact", 7, 1.30),
     ("mlp", (2048, 28, 28, 1), "exact", 7, 1.05),
     ("mlp", (4096, 28, 28, 1), "exact", 7, 1.05),
+    ("mlp", (256, 28, 28, 1), "sub16_gn", 0, 1.02),
     ("mlp", (2048, 28, 28, 1), "sub16_gn", 0, 1.02),
     ("nanolm-paper-T1024", (16, 1024), "sub16_gn", 0, 1.02),
 ]
@@ -61,10 +66,9 @@ def test_cdat_step_temp_near_base(model, shape, curvature, kernels, bound,
   # thousand rows the CDAT step should need no more temporaries than the
   # base step. Padding dense_jet's contraction (784 -> 800 copied x, W and
   # dW) or a materialised zero ddy broke this for the MLP (1.29x at 4096
-  # rows); at 1024 rows and below the six activations, and u beside g,
-  # outweigh the base step's (1.61x at 1024). The sub-batch's primal pass,
-  # run early beside the backward pass, made the sub-batch step 1.04-1.06x
-  # (docs/accelerators.md).
+  # rows); at 1024 rows and below the six activations and u outweigh the
+  # base step's. The sub-batch's primal pass, run early beside the backward
+  # pass, made the sub-batch step 1.04-1.06x (docs/accelerators.md).
   base_step, cdat_step, args = step_pair(model, shape, curvature)
   base = compile_for(h100.device, base_step, args, h100.compiler_options)
   cdat = compile_for(h100.device, cdat_step, args, h100.compiler_options)
