@@ -52,8 +52,11 @@ from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 CURVATURES = ("exact", "secant", "gauss_newton")
 
 
-# Leaves of u at least this large are materialised once (scale_by_cdat).
-_MATERIALISE_ELEMENTS = 1 << 16
+# Leaves of u at least this large (1 MiB in float32) are materialised once
+# (scale_by_cdat). Smaller leaves save little and cost a kernel each when
+# materialised apart; on a v5e, Mixer's 784x96 token weights through the
+# barrier took its CDAT step from 159 to 212 MiB of temporaries.
+_MATERIALISE_ELEMENTS = 1 << 18
 
 
 def _materialise_large(u: jax.Array) -> jax.Array:
@@ -192,7 +195,7 @@ def scale_by_cdat(
     # Each large leaf of u materialised once, after gᵀu: otherwise XLA
     # recomputes a cheap u (SGD's -g) from g in the final update, which keeps
     # g live beside u through the curvature's jet. Small leaves are left to
-    # XLA's fusion (a barrier costs a kernel there and saves little).
+    # XLA's fusion (_MATERIALISE_ELEMENTS).
     updates = jax.tree.map(_materialise_large, updates)
     estimate, estimator_state = estimator.update(
         state.estimator, params, updates, objective, slope=slope, value=value,
