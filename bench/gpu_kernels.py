@@ -802,6 +802,27 @@ def _compile(fn, args):
   return compiled, seconds, temp
 
 
+def _compile_and_run(run, records, name, label, build):
+  """Runs ``build()`` (-> compiled, args, compile s, temp bytes) once.
+
+  Records under ``records[name]`` its status, compile time, temporaries and
+  kernel calls; a failure is recorded (``run.fail``) and gives None, else
+  ``(outputs, (compiled, args))``.
+  """
+  try:
+    compiled, args, seconds, temp = build()
+    outputs = jax.block_until_ready(compiled(*args))
+  except Exception as e:  # pylint: disable=broad-except
+    records[name] = {"status": "error", "error": _short(e)}
+    run.fail(f"{label} [{name}]: {_short(e)}")
+    if run.args.verbose:
+      traceback.print_exc()
+    return None
+  records[name] = {"status": "ok", "compile_s": round(seconds, 2),
+                   "temp_bytes": temp, "kernel_calls": _calls_of(compiled)}
+  return outputs, (compiled, args)
+
+
 def measure(programs, repeats, min_sample_s, deadline):
   """Interleaved timing of compiled programs on their arguments.
 
@@ -1009,18 +1030,13 @@ def layers(run, kernels):
     impls["xla"] = xla
     programs, outputs = {}, {}
     for name, fn in impls.items():
-      try:
+      def build(fn=fn):
         compiled, seconds, temp = _compile(fn, args)
-        outputs[name] = jax.block_until_ready(compiled(*args))
-        programs[name] = (compiled, args)
-        rec["impls"][name] = {"status": "ok", "compile_s": round(seconds, 2),
-                              "temp_bytes": temp,
-                              "kernel_calls": _calls_of(compiled)}
-      except Exception as e:  # pylint: disable=broad-except
-        rec["impls"][name] = {"status": "error", "error": _short(e)}
-        run.fail(f"layers {shown} [{name}]: {_short(e)}")
-        if run.args.verbose:
-          traceback.print_exc()
+        return compiled, args, seconds, temp
+      done = _compile_and_run(run, rec["impls"], name, f"layers {shown}",
+                              build)
+      if done is not None:
+        outputs[name], programs[name] = done
     if "xla" in outputs:
       for name in outputs:
         if name != "xla":
@@ -1221,19 +1237,12 @@ def models_section(run):
         rec["steps"][name] = {"status": "skipped", "reason": "budget"}
         continue
       t0 = time.perf_counter()
-      try:
-        compiled, a, seconds, temp = _step_program(
-            model_step, model, layers_kind, mode, tag, rows, dry, step_args)
-        outputs[name] = jax.block_until_ready(compiled(*a))
-        programs[name] = (compiled, a)
-        rec["steps"][name] = {"status": "ok", "compile_s": round(seconds, 2),
-                              "temp_bytes": temp,
-                              "kernel_calls": _calls_of(compiled)}
-      except Exception as e:  # pylint: disable=broad-except
-        rec["steps"][name] = {"status": "error", "error": _short(e)}
-        run.fail(f"models {group} [{name}]: {_short(e)}")
-        if run.args.verbose:
-          traceback.print_exc()
+      done = _compile_and_run(
+          run, rec["steps"], name, f"models {group}",
+          lambda: _step_program(model_step, model, layers_kind, mode, tag,
+                                rows, dry, step_args))
+      if done is not None:
+        outputs[name], programs[name] = done
       run.cost(kind, time.perf_counter() - t0)
     for mode in MODES:
       f, x = outputs.get(f"fused {mode}"), outputs.get(f"xla {mode}")

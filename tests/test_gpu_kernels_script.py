@@ -139,9 +139,8 @@ def _run(script, argv):
   return run, kernels
 
 
-def test_one_backend_failing_does_not_stop_the_other(script, monkeypatch):
-  run, kernels = _run(script, ["--only", "dense_jet 74x19x53 f32"])
-  # Pretend Mosaic GPU runs here, and make its version raise.
+def _break_mosaic_gpu(script, run, monkeypatch, message):
+  """Pretends Mosaic GPU runs here, with versions that raise ``message``."""
   run.doc["meta"]["backends"]["mosaic_gpu"] = {"available": True,
                                                "reason": None}
   real = script._kernel_fn
@@ -150,11 +149,16 @@ def test_one_backend_failing_does_not_stop_the_other(script, monkeypatch):
     fn = real(kernels, name, backend, interpret, **kw)
     if backend == "mosaic_gpu" and fn is not None:
       def broken(*a):
-        raise RuntimeError("mosaic lowering failed")
+        raise RuntimeError(message)
       return broken
     return fn
 
   monkeypatch.setattr(script, "_kernel_fn", kernel_fn)
+
+
+def test_one_backend_failing_does_not_stop_the_other(script, monkeypatch):
+  run, kernels = _run(script, ["--only", "dense_jet 74x19x53 f32"])
+  _break_mosaic_gpu(script, run, monkeypatch, "mosaic lowering failed")
   run.start_section("correctness", [1.0])
   script.correctness(run, kernels)
   recs = {(c["id"], c["backend"]): c for c in run.section["cases"]}
@@ -172,18 +176,7 @@ def test_one_backend_failing_does_not_stop_the_other(script, monkeypatch):
 def test_layers_with_a_broken_backend(script, monkeypatch):
   # A backend that raises is recorded and the others are still timed.
   run, kernels = _run(script, ["--only", "dense 8192x1024->4096"])
-  run.doc["meta"]["backends"]["mosaic_gpu"] = {"available": True,
-                                               "reason": None}
-
-  real = script._kernel_fn
-
-  def kernel_fn(kernels, name, backend, interpret, **kw):
-    fn = real(kernels, name, backend, interpret, **kw)
-    if backend == "mosaic_gpu" and fn is not None:
-      return lambda *a: (_ for _ in ()).throw(RuntimeError("no wgmma"))
-    return fn
-
-  monkeypatch.setattr(script, "_kernel_fn", kernel_fn)
+  _break_mosaic_gpu(script, run, monkeypatch, "no wgmma")
   run.start_section("layers", [1.0])
   script.layers(run, kernels)
   assert run.section["xla_source"] == "bench/roofline.py layer_cases"
