@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdat_fast import checks, treemath
+from cdat_fast import checks, repeated_direction, treemath
 
 PyTree = Any
 
@@ -44,6 +44,9 @@ def directional_derivatives(
   computed in one forward-over-forward pass: the jvp of ``w ↦ ∂f(w)[u]`` along
   ``u``. XLA shares the primal computation, so for a dense layer the cost is
   the forward matmul plus four more (``ẏ = ẋW + xU``, ``ÿ = ẍW + 2ẋU``).
+  It is traced under :func:`cdat_fast.repeated_direction.along_one_direction`,
+  so the layers of :mod:`cdat_fast.nn` inside ``fn`` run their fused
+  second-order kernels, also between stock layers.
 
   Args:
     fn: scalar function of the parameters.
@@ -63,8 +66,9 @@ def directional_derivatives(
   def value_and_slope(p):
     return jax.jvp(fn, (p,), (direction,))
 
-  (value, slope), (_, curvature) = jax.jvp(
-      value_and_slope, (params,), (direction,))
+  with repeated_direction.along_one_direction():
+    (value, slope), (_, curvature) = jax.jvp(
+        value_and_slope, (params,), (direction,))
   return value, slope, curvature
 
 

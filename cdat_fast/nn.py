@@ -74,7 +74,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 
-from cdat_fast import kernels
+from cdat_fast import kernels, repeated_direction
+from cdat_fast.kernels import flash_attention as flash
 
 __all__ = [
     "Dense",
@@ -83,6 +84,7 @@ __all__ = [
     "MultiHeadAttention",
     "add",
     "attention",
+    "dot_product_attention",
     "gelu",
     "jet_activation",
     "linear",
@@ -134,15 +136,20 @@ def _repeats_inner_direction(args, dargs, targs, tdargs,
   Requires, for every present argument: outer tangent ``is`` inner tangent
   (or both zero), and for every argument after the first ``num_activations``
   (the parameters) a zero second-order tangent. Identity, not equality, so
-  the test is free at trace time and never wrong.
+  the test is free at trace time and never wrong. Under
+  :func:`cdat_fast.repeated_direction.along_one_direction` (the curvature
+  estimators' jvp of a jvp) the tangents are equal as values by
+  construction, so distinct tracers pass too: that is what lets a layer
+  between stock flax layers take its kernel.
   """
+  promised = repeated_direction.active()
   for i, (a, d, t, td) in enumerate(zip(args, dargs, targs, tdargs)):
     if a is None:
       continue
     if d is None:
       if _nonzero(t):
         return False
-    elif t is not d:
+    elif not _nonzero(t) or (t is not d and not promised):
       return False
     elif i >= num_activations and _nonzero(td):
       return False
@@ -151,7 +158,8 @@ def _repeats_inner_direction(args, dargs, targs, tdargs,
 
 def _jet_op(plain_fn: Callable[..., Array],
             fused_fn: Callable[..., tuple[Array, Array, Array]] | None,
-            num_activations: int | None = 1):
+            num_activations: int | None = 1,
+            first_order: Callable[..., tuple[Array, Array]] | None = None):
   """Wraps ``plain_fn(*args)`` so that jvp-of-jvp goes through ``fused_fn``.
 
   Args:
@@ -165,13 +173,16 @@ def _jet_op(plain_fn: Callable[..., Array],
     num_activations: how many leading arguments are activations, whose
       second-order tangents may be non-zero (the rest are parameters);
       None: all of them (``ddx`` is then always a tuple).
+    first_order: ``first_order(args, dargs) -> (y, dy)``, the value and the
+      jvp (``dargs`` entries None for zero), differentiable; default
+      ``jax.jvp`` of ``plain_fn``. Reverse mode transposes its ``dy``.
 
   Returns:
     A ``jax.custom_jvp`` function with the signature of ``plain_fn``.
   """
-
-  def first_order(args, dargs):
-    return _jvp_present(plain_fn, args, dargs)
+  if first_order is None:
+    def first_order(args, dargs):
+      return _jvp_present(plain_fn, args, dargs)
 
   pair = jax.custom_jvp(first_order)
 
@@ -546,31 +557,69 @@ def _split_heads(x: Array, num_heads: int) -> Array:
   return x.reshape(*lead, t, num_heads, width // num_heads)
 
 
-@functools.lru_cache(maxsize=None)
-def _attention_op(num_heads: int, causal: bool, fused: bool):
-  """Multi-head softmax attention of merged-head inputs, one op of (q, k, v)."""
+def _as_batch_heads(a: Array, num_heads: int | None) -> Array:
+  """``(..., T, H, D)``, or merged ``(..., T, H·D)`` with ``num_heads``, as
+  ``(B, T, H, D)`` with the leading dimensions in ``B``."""
+  if num_heads is not None:
+    a = _split_heads(a, num_heads)
+  return a.reshape(-1, *a.shape[-3:])
 
-  def attention_plain(q, k, v):
-    qh, kh, vh = (_split_heads(a, num_heads) for a in (q, k, v))
-    mask = None
-    if causal:
-      t = q.shape[-2]
-      mask = jnp.tril(jnp.ones((t, kh.shape[-3]), bool))
-    out = fnn.dot_product_attention(qh, kh, vh, mask=mask)
-    return out.reshape(*out.shape[:-2], -1)
+
+@functools.lru_cache(maxsize=None)
+def _attention_op(config: flash.Config, num_heads: int | None, fused: bool):
+  """Softmax attention as one op of ``(q, k, v)``.
+
+  Values, jvps and gradients through the flash primitives of
+  :mod:`cdat_fast.kernels.flash_attention` (the log-sum-exp kept, a flash
+  backward), the jvp-of-jvp along one direction through
+  :func:`~cdat_fast.kernels.attention_jet`. ``num_heads=None``: inputs
+  ``(..., T, H, D)``; else merged heads ``(..., T, H·D)``. Every reshape and
+  cast is inside the op, so the tangents of its inputs are the callers'.
+  """
+
+  def batch_heads(args):
+    dtype = jnp.result_type(*[a for a in args if a is not None])
+    return tuple(None if a is None else _as_batch_heads(a, num_heads).astype(
+        dtype) for a in args)
+
+  def like(o, q):  # (B, T, H, D_v) back to q's leading dimensions
+    if num_heads is None:
+      return o.reshape(*q.shape[:-3], *o.shape[-3:])
+    return o.reshape(*q.shape[:-1], -1)
+
+  def plain(q, k, v):
+    return like(flash.flash_attention_forward(*batch_heads((q, k, v)),
+                                              config=config)[0], q)
+
+  def first_order(args, dargs):
+    q, k, v = batch_heads(args)
+    o, lse = flash.flash_attention_forward(q, k, v, config=config)
+    if all(d is None for d in dargs):
+      return like(o, args[0]), like(jnp.zeros_like(o), args[0])
+    dq, dk, dv = (jnp.zeros_like(a) if d is None else d.astype(a.dtype)
+                  for a, d in zip((q, k, v), batch_heads(dargs)))
+    do = flash.flash_attention_tangent(q, k, v, o, lse, dq, dk, dv,
+                                       config=config)
+    return like(o, args[0]), like(do, args[0])
 
   def attention_fused(args, dargs, ddargs):
-    def heads_first(a):  # (..., T, H·D) -> (..., H, T, D)
-      return None if a is None else jnp.swapaxes(
-          _split_heads(a, num_heads), -2, -3)
-
+    heads = batch_heads((*args, *dargs, *ddargs))
     outs = kernels.attention_jet(
-        *(heads_first(a) for a in (*args, *dargs, *ddargs)), causal=causal)
-    return tuple(jnp.swapaxes(o, -2, -3).reshape(*o.shape[:-3], o.shape[-2],
-                                                  -1) for o in outs)
+        *(None if a is None else jnp.swapaxes(a, 1, 2) for a in heads),
+        scale=config.scale, causal=config.causal)
+    return tuple(like(jnp.swapaxes(o, 1, 2), args[0]) for o in outs)
 
-  return _jet_op(attention_plain, attention_fused if fused else None,
-                 num_activations=3)
+  return _jet_op(plain, attention_fused if fused else None,
+                 num_activations=3, first_order=first_order)
+
+
+def _attention_config(q, k, v, num_heads, *, scale, causal,
+                      implementation) -> flash.Config:
+  shapes = [jax.eval_shape(functools.partial(_as_batch_heads,
+                                             num_heads=num_heads), a)
+            for a in (q, k, v)]
+  return flash.make_config(*shapes, scale=scale, causal=causal,
+                           implementation=implementation)
 
 
 def attention(query: Array, key: Array, value: Array, *, num_heads: int,
@@ -605,7 +654,125 @@ def attention(query: Array, key: Array, value: Array, *, num_heads: int,
   if causal and query.shape[-2] != key.shape[-2]:
     raise ValueError("attention: causal needs as many keys as queries, got"
                      f" {query.shape[-2]} and {key.shape[-2]}")
-  return _attention_op(num_heads, bool(causal), bool(fused))(query, key, value)
+  config = _attention_config(query, key, value, num_heads, scale=None,
+                             causal=causal, implementation=None)
+  return _attention_op(config, num_heads, bool(fused))(query, key, value)
+
+
+def _flash_applies(query, key, value, bias, mask, extras) -> bool:
+  """Whether the flash op computes this call (else the plain XLA one)."""
+  if bias is not None or mask is not None or any(
+      x is not None for x in extras):
+    return False
+  return (jnp.ndim(query) >= 3 and jnp.ndim(key) == jnp.ndim(query)
+          and jnp.ndim(value) == jnp.ndim(query)
+          and key.shape[-2] == query.shape[-2])
+
+
+def dot_product_attention(
+    query: Array, key: Array, value: Array, bias: Array | None = None,
+    mask: Array | None = None, *, scale: float | None = None,
+    is_causal: bool = False, query_seq_lengths: Array | None = None,
+    key_value_seq_lengths: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: str | None = None, broadcast_dropout: bool = True,
+    dropout_rng: Array | None = None, dropout_rate: float = 0.0,
+    deterministic: bool = False, dtype: Any = None, precision: Any = None,
+    module: Any = None, fused: bool = True) -> Array:
+  """``jax.nn.dot_product_attention`` with flash values and gradients and a
+  fused jet: an ``attention_fn`` for stock flax models.
+
+  .. math::
+    o = \\mathrm{softmax}\\big(c\\, q k^\\top + \\text{bias}\\big)\\, v,
+    \\qquad c = 1/\\sqrt{D}
+
+  per batch row and head, in ``jax.nn.dot_product_attention``'s layout:
+  ``query (..., T, H, D)``, ``key (..., S, H, D)``, ``value (..., S, H, D_v)``.
+  Its keyword arguments are those of ``jax.nn.dot_product_attention`` and
+  those ``flax.linen.MultiHeadDotProductAttention`` and
+  ``flax.nnx.MultiHeadAttention`` pass to an ``attention_fn``, so a stock
+  model takes it unchanged::
+
+    flax.linen.MultiHeadDotProductAttention(
+        num_heads=8, attention_fn=functools.partial(
+            cdat_fast.nn.dot_product_attention, is_causal=True))
+
+  Without ``bias``, ``mask``, sequence lengths, a local window or active
+  dropout (causality given as ``is_causal``), it is one op whose
+
+  * values and gradients run flash attention
+    (:mod:`cdat_fast.kernels.flash_attention`: a forward pass that keeps the
+    log-sum-exp and a flash backward; cuDNN on GPUs in float16/bfloat16,
+    Pallas elsewhere on GPUs and TPUs, XLA on CPUs), and so take
+    ``O(T)`` memory per head where XLA's attention takes ``O(T·S)``;
+  * jvp is the flash tangent (first-order forward mode: Gauss–Newton
+    curvature through the model);
+  * jvp of a jvp along one direction, as CDAT's curvature estimators take
+    it (:func:`cdat_fast.curvature.directional_derivatives`), runs
+    :func:`~cdat_fast.kernels.attention_jet`, also between stock layers
+    (:mod:`cdat_fast.repeated_direction`);
+  * other second-order uses (a Hessian-vector product through attention)
+    are exact through XLA, materialising ``T × S``.
+
+  Otherwise it is ``jax.nn.dot_product_attention``'s XLA computation (or
+  flax's, for dropout), exact for every transformation and not fused.
+
+  Args:
+    query: ``(..., T, H, D)``.
+    key: ``(..., S, H, D)``.
+    value: ``(..., S, H, D_v)``.
+    bias: added to the logits, broadcastable to ``(..., H, T, S)``.
+    mask: boolean, broadcastable to ``(..., H, T, S)``; False masks out.
+    scale: the logit scale ``c``; None: ``1/√D``.
+    is_causal: mask keys after each query's position.
+    query_seq_lengths: as ``jax.nn.dot_product_attention``.
+    key_value_seq_lengths: as ``jax.nn.dot_product_attention``.
+    local_window_size: as ``jax.nn.dot_product_attention``.
+    implementation: None: the fastest kernel of the platform lowered for;
+      ``"cudnn"``: the same (cuDNN where it applies); ``"xla"``: XLA's
+      attention on every platform (still one op, with the fused jet).
+    broadcast_dropout: as ``flax.linen.dot_product_attention``.
+    dropout_rng: as ``flax.linen.dot_product_attention``.
+    dropout_rate: as ``flax.linen.dot_product_attention``.
+    deterministic: as ``flax.linen.dot_product_attention``.
+    dtype: the computation dtype (default: the inputs' common dtype).
+    precision: matmul precision of the XLA computation.
+    module: flax's ``sow_weights`` module: records the attention weights,
+      so it takes the plain XLA computation.
+    fused: route jvp-of-jvp through ``attention_jet`` (False: XLA).
+
+  Returns:
+    ``(..., T, H, D_v)``.
+  """
+  if implementation not in (None, "xla", "cudnn"):
+    raise ValueError("dot_product_attention: implementation must be None,"
+                     f" 'xla' or 'cudnn', got {implementation!r}")
+  if dtype is not None:
+    query, key, value = (jnp.asarray(a, dtype) for a in (query, key, value))
+  dropout = dropout_rate > 0.0 and not deterministic
+  extras = (query_seq_lengths, key_value_seq_lengths, local_window_size,
+            module, True if dropout else None)
+  if not _flash_applies(query, key, value, bias, mask, extras):
+    if dropout or module is not None:
+      if is_causal:
+        causal = jnp.tril(jnp.ones((query.shape[-3], key.shape[-3]), bool))
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+      if scale is not None:  # flax scales by 1/√D itself
+        query = query * (scale * math.sqrt(query.shape[-1]))
+      return fnn.dot_product_attention(
+          query, key, value, bias=bias, mask=mask,
+          broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
+          dropout_rate=dropout_rate, deterministic=deterministic,
+          precision=precision, module=module)
+    return jax.nn.dot_product_attention(
+        query, key, value, bias=bias, mask=mask, scale=scale,
+        is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, implementation="xla")
+  config = _attention_config(
+      query, key, value, None, scale=scale, causal=is_causal,
+      implementation="xla" if implementation == "xla" else None)
+  return _attention_op(config, None, bool(fused))(query, key, value)
 
 
 class MultiHeadAttention(fnn.Module):
