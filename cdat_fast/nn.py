@@ -654,6 +654,13 @@ def attention(query: Array, key: Array, value: Array, *, num_heads: int,
   if causal and query.shape[-2] != key.shape[-2]:
     raise ValueError("attention: causal needs as many keys as queries, got"
                      f" {query.shape[-2]} and {key.shape[-2]}")
+  if jnp.ndim(query) == 4 and query.shape[-2] == num_heads:
+    raise ValueError(
+        f"attention: query {query.shape} looks like flax's (B, T, H, D)"
+        " layout, but attention takes merged heads (..., T, H·D); as a flax"
+        " attention_fn use cdat_fast.nn.dot_product_attention (if these"
+        " really are merged heads with T == num_heads, fold the leading"
+        " axes into one)")
   config = _attention_config(query, key, value, num_heads, scale=None,
                              causal=causal, implementation=None)
   return _attention_op(config, num_heads, bool(fused))(query, key, value)

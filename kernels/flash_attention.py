@@ -89,9 +89,15 @@ class Config(NamedTuple):
 # The reference (pure jnp, float32 inside).
 
 
+def _accumulation(q):
+  """float32, or float64 for float64 inputs."""
+  return jnp.promote_types(q.dtype, jnp.float32)
+
+
 def _logits(q, k, config):
-  s = config.scale * jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32),
-                                k.astype(jnp.float32))
+  acc = _accumulation(q)
+  s = config.scale * jnp.einsum("bthd,bshd->bhts", q.astype(acc),
+                                k.astype(acc))
   if config.causal:
     t, n = q.shape[1], k.shape[1]
     s = jnp.where(jnp.tril(jnp.ones((t, n), bool)), s, _NEG)
@@ -107,20 +113,20 @@ def reference_forward(q, k, v, *, config: Config):
   s = _logits(q, k, config)
   lse = jax.nn.logsumexp(s, axis=-1)
   p = jnp.exp(s - lse[..., None])
-  o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
+  o = jnp.einsum("bhts,bshd->bthd", p, v.astype(p.dtype))
   return o.astype(q.dtype), lse
 
 
 def reference_backward(q, k, v, o, lse, do, *, config: Config):
   """``(q̄, k̄, v̄)`` from the saved log-sum-exp (the flash formulas)."""
   p = _probabilities(q, k, lse, config)
-  do32 = do.astype(jnp.float32)
-  dv = jnp.einsum("bhts,bthd->bshd", p, do32)
-  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do32)
-  dp = jnp.einsum("bthd,bshd->bhts", do32, v.astype(jnp.float32))
+  acc = lambda a: a.astype(p.dtype)
+  dv = jnp.einsum("bhts,bthd->bshd", p, acc(do))
+  delta = jnp.einsum("bthd,bthd->bht", acc(o), acc(do))
+  dp = jnp.einsum("bthd,bshd->bhts", acc(do), acc(v))
   ds = config.scale * p * (dp - delta[..., None])
-  dq = jnp.einsum("bhts,bshd->bthd", ds, k.astype(jnp.float32))
-  dk = jnp.einsum("bhts,bthd->bshd", ds, q.astype(jnp.float32))
+  dq = jnp.einsum("bhts,bshd->bthd", ds, acc(k))
+  dk = jnp.einsum("bhts,bthd->bshd", ds, acc(q))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -128,7 +134,7 @@ def reference_tangent(q, k, v, o, lse, dq, dk, dv, *, config: Config):
   """``ȯ = E[(ṡ - E[ṡ]) v] + E[v̇]`` from the saved log-sum-exp."""
   del o
   p = _probabilities(q, k, lse, config)
-  f32 = lambda a: a.astype(jnp.float32)
+  f32 = lambda a: a.astype(p.dtype)
   ds = config.scale * (jnp.einsum("bthd,bshd->bhts", f32(dq), f32(k))
                        + jnp.einsum("bthd,bshd->bhts", f32(q), f32(dk)))
   dp = p * (ds - jnp.sum(p * ds, axis=-1, keepdims=True))
@@ -194,7 +200,8 @@ def _pallas_gpu_module():
 
 def _pallas_gpu_fits(q, k, v) -> bool:
   t, s, d = q.shape[1], k.shape[1], q.shape[-1]
-  return (d == v.shape[-1] and d == 1 << (d - 1).bit_length()
+  return (q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+          and d == v.shape[-1] and d == 1 << (d - 1).bit_length()
           and t % min(128, t) == 0 and s % min(128, s) == 0
           and t % 32 == 0 and s % 32 == 0)
 
@@ -239,7 +246,8 @@ def _pallas_tpu_module():
 
 
 def _tpu_fits(q, k, v) -> bool:
-  return (q.shape[-1] == v.shape[-1] and q.shape[1] % 128 == 0
+  return (q.dtype in (jnp.float32, jnp.bfloat16)
+          and q.shape[-1] == v.shape[-1] and q.shape[1] % 128 == 0
           and k.shape[1] % 128 == 0)
 
 
@@ -387,6 +395,11 @@ def _make_primitive(name: str):
     return [o.reshape(size, -1, *o.shape[1:]) for o in outs], [0] * len(outs)
 
   batching.primitive_batchers[prim] = _batch
+  try:  # cuDNN's custom partitioning needs the devices while lowering.
+    from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+    dispatch.prim_requires_devices_during_lowering.add(prim)
+  except (ImportError, AttributeError):  # pragma: no cover - jax internals.
+    pass
   return prim
 
 
