@@ -93,7 +93,10 @@ def sub_batch_args(objective: Objective, m: int,
   """The objective's extra arguments with the batch ones cut to every m-th row.
 
   ``after``: a value the sliced rows are made to depend on, so that the
-  sub-batch's pass cannot start before it exists.
+  sub-batch's pass cannot start before it exists, in the programs lowered
+  for GPU and TPU (:func:`_made_to_wait`); the CPU lowering leaves the rows
+  free (``jax.lax.platform_dependent``, decided when the program is lowered
+  for a platform, not by the host's default backend).
   """
   received = objective.received(_FUNCTIONS)
   if not received:
@@ -114,15 +117,29 @@ def sub_batch_args(objective: Objective, m: int,
     args[name] = jax.tree_util.tree_map_with_path(
         _slice_leaf(name, receivers, m), args[name])
   if after is not None:
-    # A data dependence, not an optimisation barrier: XLA's sharding
-    # propagation does not carry the rows' sharding through a barrier (the
-    # v5e FSDP step then gathered activations). ``after > inf`` is False
-    # for every value, NaN included, so each row keeps its value.
-    late = jnp.asarray(after) > jnp.inf
-    for name in received:
-      args[name] = jax.tree.map(
-          lambda a: jnp.where(late, jnp.zeros_like(a), a), args[name])
+    rows = {name: args[name] for name in received}
+    args.update(jax.lax.platform_dependent(
+        rows, jnp.asarray(after), cpu=lambda rows, after: rows,
+        default=_made_to_wait))
   return args
+
+
+def _made_to_wait(rows: Any, after: jax.Array) -> Any:
+  """``rows``, each made to depend on the scalar ``after`` (bit for bit).
+
+  What accelerators compile: XLA on GPU and TPU would otherwise run the
+  sub-batch's primal pass early and hold its residuals through the step's
+  peak. A data dependence, not an optimisation barrier: XLA's sharding
+  propagation does not carry the rows' sharding through a barrier (the v5e
+  FSDP step then gathered activations). ``after > inf`` is False for every
+  value, NaN included, so each row keeps its value. On CPU (see
+  :func:`sub_batch_args`) the rows are left free: XLA:CPU runs independent
+  work side by side on its threads, so the small sub-batch pass fills the
+  cores the backward pass leaves idle, where the dependence would put it on
+  the step's critical path, after ``gᵀu``.
+  """
+  late = after > jnp.inf
+  return jax.tree.map(lambda a: jnp.where(late, jnp.zeros_like(a), a), rows)
 
 
 def subbatch(
@@ -168,7 +185,9 @@ def subbatch(
     # early, beside the full batch's backward pass, and hold its residuals
     # through the step's peak (+4% temporaries on the paper's NanoLM,
     # compile-time). Its rows are made to depend on a scalar of u (gᵀu when
-    # given, else uᵀu), which keeps the whole sub-batch pass after u exists.
+    # given, else uᵀu), which keeps the whole sub-batch pass after u exists
+    # on GPU and TPU; on CPU the early pass is what fills idle cores, and
+    # the rows are left free (sub_batch_args).
     anchor = slope if slope is not None else treemath.vdot(direction,
                                                            direction)
     sub = objective.with_args(sub_batch_args(objective, m, argnames, anchor))

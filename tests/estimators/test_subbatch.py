@@ -128,6 +128,24 @@ def test_rows_made_to_wait_keep_their_values(after):
         np.asarray(plain[name]).view(np.uint32 if name == "x" else np.int32))
 
 
+@pytest.mark.parametrize("platform, waits", [
+    ("cpu", False), ("cuda", True), ("rocm", True), ("tpu", True)])
+def test_rows_wait_in_the_programs_lowered_for_accelerators(platform, waits):
+  # On GPU and TPU the rows are made to depend on the scalar (a compare
+  # with inf and a select per leaf), so XLA cannot run the sub-batch pass
+  # early and hold its residuals; the CPU program leaves them free. Decided
+  # by the platform lowered for, not by this host's backend.
+  from cdat_fast.estimators.interface import Objective  # pylint: disable=g-import-not-at-top
+  from cdat_fast.estimators.subbatch import sub_batch_args  # pylint: disable=g-import-not-at-top
+  objective = Objective("test", lambda p, x: 0.0, None, None,
+                        dict(x=jnp.ones((8, 3))))
+  lowered = jax.jit(lambda a: sub_batch_args(objective, 2, None, a)).trace(
+      1.5).lower(lowering_platforms=(platform,))
+  text = lowered.as_text()
+  assert ("stablehlo.compare" in text) == waits
+  assert ("stablehlo.select" in text) == waits
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(scale=2.0), "'scale'"),  # a float has no batch axis
     (dict(scale=jnp.float32(2.0)), "'scale'"),  # nor a scalar array
