@@ -71,6 +71,8 @@ from jax.interpreters import mlir
 import jax.extend
 import jax.numpy as jnp
 
+from . import partitioning
+
 __all__ = ["flash_attention_backward", "flash_attention_forward",
            "flash_attention_tangent", "flash_attention_reference"]
 
@@ -292,9 +294,9 @@ def _tpu_module(config, q, k, v):
 
 def _jet_tangent(q, k, v, dq, dk, dv, config):
   """ȯ by the flash-style jet kernel (its second order left at zero)."""
-  from . import attention_jet as jet  # pylint: disable=g-import-not-at-top
+  from .attention_jet import attention_jet  # pylint: disable=g-import-not-at-top
   heads = lambda a: jnp.swapaxes(a, 1, 2)
-  _, do, _ = jet.attention_jet(
+  _, do, _ = attention_jet(
       *(heads(a) for a in (q, k, v, dq, dk, dv)), None, None, None,
       scale=config.scale, causal=config.causal)
   return heads(do)
@@ -354,6 +356,28 @@ def _reference_outputs(name: str, config: Config, *args) -> list[jax.Array]:
   return list(out) if isinstance(out, tuple) else [out]
 
 
+def _pallas_version(platform: str, config: Config, q, k, v) -> bool:
+  """Whether the version lowered is a Pallas kernel (XLA cannot partition
+  it; cuDNN's and XLA's partition themselves)."""
+  if platform == "cuda":
+    return _cuda_choice(config, q, k, v)[0] == "pallas"
+  return platform == "tpu" and _tpu_module(config, q, k, v) is not None
+
+
+def _lowering(name: str, platform: str):
+  """The lowering rule: the platform's version; under a device mesh, a
+  Pallas version split by batch rows (:mod:`.partitioning`: every operand
+  and result is ``(B, ...)``, and each batch row is independent)."""
+  def rule(ctx, *args, config):
+    fn = _VERSIONS[name](platform, config)
+    if (partitioning.partitioned_context(ctx)
+        and _pallas_version(platform, config, *ctx.avals_in[:3])):
+      spec = partitioning.RowSpec(1, (True,) * len(args))
+      return partitioning.lower(ctx, args, spec, fn, fn, platform)
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+  return rule
+
+
 def _make_primitive(name: str):
   prim = jax.extend.core.Primitive(f"flash_attention_{name}")
   prim.multiple_results = True
@@ -370,12 +394,7 @@ def _make_primitive(name: str):
     return jax.jit(functools.partial(prim.bind, config=config))(*args)
 
   for platform in ("cpu", "cuda", "rocm", "tpu"):
-    version = _VERSIONS[name]
-    mlir.register_lowering(
-        prim,
-        lambda ctx, *args, config, platform=platform: mlir.lower_fun(
-            version(platform, config), multiple_results=True)(ctx, *args),
-        platform=platform)
+    mlir.register_lowering(prim, _lowering(name, platform), platform=platform)
 
   def _jvp(primals, tangents, *, config):
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)

@@ -121,24 +121,27 @@ def kernel_cases():
 # ---------------------------------------------------------------------------
 # A CDAT step of each fused model.
 
-# name -> (registry name, overrides, input shape, fused layers). Every fused
-# layer takes one kernel: Dense -> dense_jet, LayerNorm -> layer_norm_jet,
-# an activation -> activation_jet, attention -> attention_jet
-# (MultiHeadAttention: 4 dense_jet + 1 attention_jet); Embed and the
-# residual adds take none.
+# name -> (registry name, overrides, input shape, kernels). Every fused
+# layer takes one kernel in the curvature's jet: Dense -> dense_jet,
+# LayerNorm -> layer_norm_jet, an activation -> activation_jet, attention
+# -> attention_jet (MultiHeadAttention: 4 dense_jet + 1 attention_jet);
+# Embed and the residual adds take none. Attention's values and gradients
+# take 3 more where flash attention applies (float32 here, so Pallas: a
+# forward kernel and two backward kernels on an H100 and on a TPU; the
+# sequence a multiple of 128).
 MODELS = {
     # 3 hidden layers of 1024 on MNIST-sized inputs: 4 Dense + 3 relu.
     "mlp": ("mlp", dict(features=(1024, 1024, 1024)), (256, 28, 28, 1),
             lambda c: 2 * len(c["features"]) + 1),
     # The paper's NanoLM (6 blocks, width 256, 8 heads of 4) at T=1024:
-    # per block 2 LayerNorm + attention (5) + Dense, relu, Dense; then
-    # ln_f and the head.
+    # per block 2 LayerNorm + attention (5, and 3 flash) + Dense, relu,
+    # Dense; then ln_f and the head.
     "nanolm-paper-T1024": (
         "nanolm-paper", dict(block_size=1024), (8, 1024),
-        lambda c: 10 * 6 + 2),
+        lambda c: 13 * 6 + 2),
     # ViT Ti/16 widths (192, 3 heads of 64, MLP 768), 4 blocks, 224x224:
     # stem, per block 2 LayerNorm + attention (5) + Dense, gelu, Dense;
-    # then encoder_norm and the head.
+    # then encoder_norm and the head (197 tokens: XLA's attention).
     "vit-ti16-4blocks": (
         "vit-ti32", dict(patch_size=16, num_layers=4), (8, 224, 224, 3),
         lambda c: 10 * c["num_layers"] + 3),
@@ -238,3 +241,128 @@ def step_pair(name: str, shape: tuple[int, ...], curvature: str = "exact"):
     return optax.apply_updates(params, updates), state
 
   return base_step, cdat_step, (params, state, inputs, labels)
+
+
+# ---------------------------------------------------------------------------
+# Flash attention in a stock model: cdat_fast.nn.dot_product_attention
+# against the flash attention a production model runs (cuDNN and Pallas'
+# mha on an H100, Pallas' flash attention on a TPU).
+
+# One causal attention layer: batch, heads, head dimension, bfloat16.
+ATTENTION_LAYER = (4, 8, 64)
+
+
+def _production_attention(kind: str):
+  """``attention(q, k, v)`` of ``(B, T, H, D)`` arrays, causal, by ``kind``:
+  ``"ours"`` (``cdat_fast.nn.dot_product_attention``), ``"cudnn"``,
+  ``"pallas_mha"`` (Pallas' GPU flash attention) or ``"pallas_tpu"``
+  (Pallas' TPU flash attention, heads first)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from cdat_fast import nn as jet_nn  # pylint: disable=g-import-not-at-top
+  if kind == "ours":
+    return functools.partial(jet_nn.dot_product_attention, is_causal=True)
+  if kind == "cudnn":
+    return functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                             implementation="cudnn")
+  if kind == "pallas_mha":
+    from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=g-import-not-at-top
+    return lambda q, k, v: attention.mha(
+        q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+  from jax.experimental.pallas.ops.tpu import flash_attention  # pylint: disable=g-import-not-at-top
+  swap = lambda a: jnp.swapaxes(a, 1, 2)
+  return lambda q, k, v: swap(flash_attention.flash_attention(
+      swap(q), swap(k), swap(v), causal=True, sm_scale=q.shape[-1] ** -0.5))
+
+
+def attention_layer_steps(kind: str, t: int):
+  """``(base_step, cdat_step, args)`` of one attention layer whose inputs
+  ``(q, k, v)`` are the parameters: ``base_step`` is the value and
+  gradient of ``Σ o²``, ``cdat_step`` also the exact curvature along
+  ``u = -g`` and the step (``cdat_step`` only for ``kind="ours"``)."""
+  from cdat_fast.curvature import directional_derivatives  # pylint: disable=g-import-not-at-top
+  attention = _production_attention(kind)
+  b, h, d = ATTENTION_LAYER
+  loss = lambda w: jnp.sum(attention(*w).astype(jnp.float32) ** 2)
+
+  def base_step(q, k, v):
+    return jax.value_and_grad(loss)((q, k, v))
+
+  def cdat_step(q, k, v):
+    _, grad = jax.value_and_grad(loss)((q, k, v))
+    u = jax.tree.map(jnp.negative, grad)
+    _, slope, curvature = directional_derivatives(loss, (q, k, v), u)
+    eta = 2 * jnp.maximum(-slope, 0) / jnp.abs(curvature)
+    return jax.tree.map(lambda w, d: w + eta.astype(w.dtype) * d, (q, k, v),
+                        u)
+
+  spec = _spec((b, t, h, d), jnp.bfloat16)
+  return base_step, cdat_step, (spec, spec, spec)
+
+
+def _stock_block(attention_fn, vocab: int, width: int, heads: int):
+  """A stock ``flax.linen`` LM block: token embedding, a pre-norm causal
+  ``MultiHeadDotProductAttention`` taking ``attention_fn``, a gelu MLP and
+  a head, computing in bfloat16."""
+  import flax.linen as fnn  # pylint: disable=g-import-not-at-top
+  bf16 = jnp.bfloat16
+
+  class Block(fnn.Module):
+    @fnn.compact
+    def __call__(self, tokens):
+      x = fnn.Embed(vocab, width, dtype=bf16)(tokens)
+      if attention_fn is not None:
+        x = x + fnn.MultiHeadDotProductAttention(
+            num_heads=heads, dtype=bf16, attention_fn=attention_fn)(
+                fnn.LayerNorm(dtype=bf16)(x))
+      y = fnn.gelu(fnn.Dense(4 * width, dtype=bf16)(
+          fnn.LayerNorm(dtype=bf16)(x)))
+      x = x + fnn.Dense(width, dtype=bf16)(y)
+      return fnn.Dense(vocab, dtype=bf16)(fnn.LayerNorm(dtype=bf16)(x))
+
+  return Block()
+
+
+def stock_block_steps(attention: str | None, t: int, curvature: str = "exact"):
+  """``(base_step, cdat_step, args)`` of :func:`_stock_block` at the sizes
+  of ``ATTENTION_LAYER`` (vocabulary 64), with attention ``attention``
+  (a kind of :func:`_production_attention`, None for no attention layer).
+
+  ``cdat_step`` runs ``cdat_fast.cdat(optax.adam(1.0), ema=0.9)`` with
+  ``curvature`` ``"exact"`` or ``"sub_fd"`` (forward-only curvature,
+  :func:`cdat_fast.estimators.finite_difference`, on one sequence of the
+  batch). The base step is Adam's with the same attention.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  import cdat_fast  # pylint: disable=g-import-not-at-top
+  from cdat_fast import estimators  # pylint: disable=g-import-not-at-top
+  b, h, d = ATTENTION_LAYER
+  model = _stock_block(None if attention is None else
+                       _production_attention(attention), 64, h * d, h)
+  tokens = _spec((b, t), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+  def value_fn(p, tokens):
+    logits = model.apply(p, tokens).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1], tokens[:, 1:]).mean()
+
+  opt = cdat_fast.cdat(optax.adam(1.0), ema=0.9, curvature=(
+      "exact" if curvature == "exact" else
+      estimators.subbatch(1 / b, inner=estimators.finite_difference())))
+  base = optax.adam(1e-3)
+  state = jax.eval_shape(opt.init, params)
+  base_state = jax.eval_shape(base.init, params)
+
+  def base_step(params, state, tokens):
+    grad = jax.grad(value_fn)(params, tokens)
+    updates, state = base.update(grad, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def cdat_step(params, state, tokens):
+    value, grad = jax.value_and_grad(value_fn)(params, tokens)
+    updates, state = opt.update(grad, state, params, value=value,
+                                value_fn=value_fn, tokens=tokens)
+    return optax.apply_updates(params, updates), state
+
+  return (base_step, (params, base_state, tokens),
+          cdat_step, (params, state, tokens))
