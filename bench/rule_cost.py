@@ -1,0 +1,129 @@
+"""What CDAT's rule and the sub-batch modes cost over the base step.
+
+For each problem of ``bench_curvature.py`` it compiles the ``gd`` step and
+each variant, then times them in rounds: a round runs ``gd`` for ``--chunk``
+steps, then one variant, then ``gd`` again, … (each variant beside its own
+``gd`` chunk, so machine noise hits both alike), and a variant's ratio is the
+median over rounds of its time over the neighbouring ``gd`` chunk's. Beside
+it, XLA's own model of the compiled programs (``cost_analysis()``): the
+FLOP ratio (what the arithmetic predicts) and the ratio of bytes accessed.
+
+Variants: ``floor`` (CDAT's rule with a free curvature; ``floor_norm``
+with its ``‖u‖²`` computed by a pass over ``u``),
+``sub16_gn`` (``subbatch(1/16, inner=gauss_newton())``), ``sub16_fwd`` (the
+sub-batch with the plain forward-only central difference below: three
+forward passes and nothing else), ``sub16_fd`` (the sub-batch with
+``estimators.finite_difference()``, where the library has it) and any
+variant name of ``bench_curvature.py``.
+
+Run: ``python bench/rule_cost.py [--models fashion,mlp] [--rounds 15]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cdat_fast import estimators
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_curvature  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def forward_only(mu: float = 1e-2) -> estimators.CurvatureEstimator:
+  """A stand-in: ``(f(w+hu) − 2f(w) + f(w−hu))/h²``, three forward passes.
+
+  ``h = μ/√|gᵀu|`` (``gᵀu`` is given, so ``h`` costs no pass over ``u``).
+  """
+  def update(state, params, direction, objective, *, slope=None, value=None,
+             learning_rate=None):
+    del value, learning_rate
+    f = objective.value()
+    h = mu * jax.lax.rsqrt(jnp.maximum(jnp.abs(slope), 1e-30))
+    at = lambda t: f(jax.tree.map(lambda w, u: w + (t * h).astype(w.dtype) * u,
+                                  params, direction))
+    f0, fp, fm = f(params), at(1.0), at(-1.0)
+    return estimators.Estimate(f0, slope, (fp - 2 * f0 + fm) / h**2), state
+
+  return estimators.CurvatureEstimator(lambda params: optax.EmptyState(),
+                                       update)
+
+
+def variant_step(problem, name):
+  """``(init, step)`` of a variant (module doc)."""
+  if name == "floor_norm":  # the floor's κ‖u‖² by a pass over u
+    return bench_curvature.make_variant(problem, "floor", extra=dict(
+        curvature=bench_curvature.constant_curvature(
+            2.0 / problem.gd_learning_rate, from_slope=False)))
+  inner = {"sub16_fwd": forward_only,
+           "sub16_fd": lambda: estimators.finite_difference()}.get(name)
+  if inner is None:
+    return bench_curvature.make_variant(problem, name)
+  return bench_curvature.make_variant(problem, "sub16", extra=dict(
+      curvature=estimators.subbatch(1 / 16, inner=inner())))
+
+
+def measure(problem, variants, rounds, chunk):
+  """``{variant: (median time ratio, FLOP ratio, bytes ratio, gd ms)}``."""
+  runs = {}
+  for name in ("gd", *variants):
+    init, step = variant_step(problem, name)
+    state = init(problem.params)
+    fn = jax.jit(step).lower(problem.params, state, problem.batch).compile()
+    cost = fn.cost_analysis()
+    runs[name] = dict(fn=fn, carry=(problem.params, state), times=[],
+                      flops=cost["flops"], bytes=cost["bytes accessed"])
+
+  def chunk_time(name):
+    r = runs[name]
+    (p, s), fn, t = r["carry"], r["fn"], time.perf_counter()
+    for _ in range(chunk):
+      p, s, v = fn(p, s, problem.batch)
+    jax.block_until_ready(v)
+    r["carry"] = p, s
+    return (time.perf_counter() - t) / chunk
+
+  chunk_time("gd")  # warm-up
+  for name in variants:
+    chunk_time(name)
+  ratios = {name: [] for name in variants}
+  for _ in range(rounds):
+    for name in variants:
+      base = chunk_time("gd")
+      ratios[name].append(chunk_time(name) / base)
+      runs["gd"]["times"].append(base)
+  gd = runs["gd"]
+  return {name: (statistics.median(ratios[name]),
+                 runs[name]["flops"] / gd["flops"],
+                 runs[name]["bytes"] / gd["bytes"],
+                 1e3 * statistics.median(gd["times"])) for name in variants}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default=",".join(bench_curvature.PROBLEMS))
+  parser.add_argument("--variants", default="floor,sub16_gn,sub16_fwd" + (
+      ",sub16_fd" if hasattr(estimators, "finite_difference") else ""))
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--chunk", type=int, default=10)
+  args = parser.parse_args(argv)
+  variants = [v for v in args.variants.split(",") if v]
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; median over"
+        f" {args.rounds} rounds of {args.chunk} steps, each beside a gd chunk")
+  print("| problem | variant | time / gd | FLOPs / gd | bytes / gd |"
+        " gd ms/step |\n|---|---|---|---|---|---|")
+  for problem in bench_curvature.make_problems(args.models.split(",")):
+    for name, (t, f, b, ms) in measure(problem, variants, args.rounds,
+                                       args.chunk).items():
+      print(f"| {problem.name} | {name} | {t:.3f} | {f:.3f} | {b:.3f} |"
+            f" {ms:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
