@@ -23,7 +23,8 @@ costs is measured in ``docs/curvature.md``.
 =========================  ====================================================
 
 The interface (:class:`CurvatureEstimator`, :class:`Estimate`,
-:class:`Objective`) is in :mod:`cdat_fast.estimators.interface`.
+:class:`Objective`, :class:`NoForwardModeError`) is in
+:mod:`cdat_fast.estimators.interface`.
 """
 from cdat_fast.estimators.every import EveryState, every
 from cdat_fast.estimators.exact import exact
@@ -32,14 +33,14 @@ from cdat_fast.estimators.finite_difference import (FiniteDifferenceState,
 from cdat_fast.estimators.gauss_newton import (gauss_newton,
                                                gauss_newton_derivatives)
 from cdat_fast.estimators.interface import (CurvatureEstimator, Estimate,
-                                            Objective)
+                                            NoForwardModeError, Objective)
 from cdat_fast.estimators.secant import (SecantState, StepMemory, secant,
                                          secant_curvature)
 from cdat_fast.estimators.subbatch import subbatch
 
 __all__ = [
     "CurvatureEstimator", "Estimate", "EveryState", "FiniteDifferenceState",
-    "Objective", "SecantState", "StepMemory", "every", "exact",
-    "finite_difference", "gauss_newton", "gauss_newton_derivatives", "secant",
-    "secant_curvature", "subbatch",
+    "NoForwardModeError", "Objective", "SecantState", "StepMemory", "every",
+    "exact", "finite_difference", "gauss_newton", "gauss_newton_derivatives",
+    "secant", "secant_curvature", "subbatch",
 ]

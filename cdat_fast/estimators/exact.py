@@ -17,17 +17,24 @@ against it. Measurements: ``docs/curvature.md``.
 from __future__ import annotations
 
 from cdat_fast.curvature import directional_derivatives
-from cdat_fast.estimators.interface import CurvatureEstimator, stateless
+from cdat_fast.estimators.interface import (CurvatureEstimator, forward_mode,
+                                            stateless)
 
 
 def exact() -> CurvatureEstimator:
   """The exact ``uᵀ∇²f(w)u`` by a jvp of a jvp of ``value_fn``.
 
   ``update`` needs ``value_fn`` (or ``model_fn`` and ``loss_fn``, composed).
+  A layer without forward-mode autodiff (``jax.custom_vjp``, VJP-only flash
+  attention) raises :class:`~cdat_fast.estimators.NoForwardModeError`, which
+  names :func:`~cdat_fast.estimators.finite_difference`.
 
   Returns:
     A :class:`~cdat_fast.estimators.CurvatureEstimator` with
     ``optax.EmptyState`` as its state.
   """
-  return stateless(lambda params, direction, objective: directional_derivatives(
-      objective.value(), params, direction))
+  def measure(params, direction, objective):
+    with forward_mode("estimators.exact()"):
+      return directional_derivatives(objective.value(), params, direction)
+
+  return stateless(measure)

@@ -31,7 +31,8 @@ import jax
 
 from cdat_fast import treemath
 from cdat_fast.curvature import directional_derivatives
-from cdat_fast.estimators.interface import CurvatureEstimator, stateless
+from cdat_fast.estimators.interface import (CurvatureEstimator, checked_jvp,
+                                            forward_mode, stateless)
 
 PyTree = Any
 
@@ -65,7 +66,8 @@ def gauss_newton_derivatives(
     ``(ℓ(m(w)), ∂f(w)[u], (Ju)ᵀ∇²ℓ(z)(Ju))`` as scalars.
   """
   direction = treemath.cast_like(direction, params)
-  outputs, jvp_out = jax.jvp(model_fn, (params,), (direction,))
+  outputs, jvp_out = checked_jvp(model_fn, (params,), (direction,),
+                                 "estimators.gauss_newton()")
   return directional_derivatives(loss_fn, outputs, jvp_out)
 
 
@@ -75,7 +77,9 @@ def gauss_newton() -> CurvatureEstimator:
   ``update`` needs ``model_fn=`` (parameters to outputs) and ``loss_fn=``
   (outputs to a scalar) instead of ``value_fn``; extra keyword arguments are
   routed to each by its signature, e.g. ``model_fn(params, batch)`` and
-  ``loss_fn(logits, batch)``.
+  ``loss_fn(logits, batch)``. A layer without forward-mode autodiff raises
+  :class:`~cdat_fast.estimators.NoForwardModeError`, which names
+  :func:`~cdat_fast.estimators.finite_difference`.
 
   Returns:
     A :class:`~cdat_fast.estimators.CurvatureEstimator` with
@@ -83,6 +87,7 @@ def gauss_newton() -> CurvatureEstimator:
   """
   def measure(params, direction, objective):
     model, loss = objective.model_and_loss()
-    return gauss_newton_derivatives(model, loss, params, direction)
+    with forward_mode("estimators.gauss_newton()"):
+      return gauss_newton_derivatives(model, loss, params, direction)
 
   return stateless(measure)

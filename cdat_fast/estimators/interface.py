@@ -27,11 +27,13 @@ estimator never needs to guard its state against NaN. Estimators compose:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 
@@ -39,6 +41,94 @@ from cdat_fast import treemath
 from cdat_fast.objective import bind_objective, value_fn_kwargs
 
 PyTree = Any
+
+
+class NoForwardModeError(TypeError):
+  """The objective has a layer without forward-mode autodiff (no jvp rule).
+
+  Raised by the estimators that differentiate the objective with
+  ``jax.jvp`` (:func:`~cdat_fast.estimators.exact`,
+  :func:`~cdat_fast.estimators.gauss_newton`, and so ``every``, ``secant``
+  and ``subbatch`` around them) in place of JAX's own error, which is
+  chained as its ``__cause__``.
+  """
+
+
+def _lacks_forward_mode(error: Exception) -> bool:
+  """Whether ``error`` is JAX's refusal to run a jvp through some layer.
+
+  ``jax.jvp`` through a ``jax.custom_vjp`` function raises ``TypeError:
+  can't apply forward-mode autodiff (jvp) to a custom_vjp function``; a
+  primitive without a jvp rule (a jvp of a jvp through ``custom_vjp`` meets
+  ``custom_lin``; cuDNN attention, ``dot_product_attention_fwd_wrapper``)
+  raises ``NotImplementedError: Differentiation rule for '...' not
+  implemented``.
+  """
+  text = str(error)
+  if isinstance(error, NoForwardModeError):
+    return False
+  if isinstance(error, TypeError):
+    return "forward-mode" in text
+  return (isinstance(error, NotImplementedError)
+          and "Differentiation rule for" in text)
+
+
+def _message(who: str, advice: str, jax_said: str) -> str:
+  return (
+      f"{who}: the model has a layer without forward-mode autodiff (no jvp"
+      " rule: a jax.custom_vjp function, or a kernel with only a VJP such"
+      " as cuDNN or Pallas flash attention), which it cannot differentiate"
+      " with jax.jvp. Use"
+      " curvature=cdat_fast.estimators.finite_difference() (forward-only"
+      " curvature, from loss values), or for attention pass"
+      " attention_fn=cdat_fast.nn.dot_product_attention (flash attention"
+      f" with a forward-mode rule).{advice} JAX said: {jax_said}")
+
+
+def _stages_custom_lin(jaxpr) -> bool:
+  """Whether ``jaxpr`` (or one nested in it) holds a ``custom_lin``."""
+  return any(e.primitive.name == "custom_lin" for e in jaxpr.eqns) or any(
+      _stages_custom_lin(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
+
+
+def checked_jvp(fn, primals, tangents, who: str, advice: str = ""):
+  """``jax.jvp(fn, primals, tangents)``, refusing VJP-only layers at trace time.
+
+  Under ``jax.jit``, a jvp through a ``jax.custom_vjp`` function is staged
+  as a ``custom_lin`` that fails only when the caller's program is lowered
+  (``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp
+  function``), out of reach of :func:`forward_mode`. So the jvp is traced
+  once more, alone, and its program searched for one (trace time only: the
+  computation itself is ``jax.jvp``'s).
+  """
+  with forward_mode(who, advice):
+    probe = jax.make_jaxpr(lambda p, t: jax.jvp(fn, p, t))(primals, tangents)
+    if _stages_custom_lin(probe.jaxpr):
+      cause = TypeError("can't apply forward-mode autodiff (jvp) to a"
+                        " custom_vjp function.")
+      raise NoForwardModeError(_message(who, advice, str(cause))) from cause
+    return jax.jvp(fn, primals, tangents)
+
+
+@contextlib.contextmanager
+def forward_mode(who: str, advice: str = ""):
+  """Turns JAX's errors for a layer without a jvp rule into one of ours.
+
+  Args:
+    who: the estimator, as the user wrote it (e.g. ``"estimators.exact()"``).
+    advice: a sentence to add (e.g. how to avoid the jvp altogether).
+
+  Raises:
+    NoForwardModeError: naming the forward-only alternatives, from JAX's
+      ``TypeError`` or ``NotImplementedError``.
+  """
+  try:
+    yield
+  except (TypeError, NotImplementedError) as e:
+    if not _lacks_forward_mode(e):
+      raise
+    jax_said = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise NoForwardModeError(_message(who, advice, jax_said)) from e
 
 
 class Estimate(NamedTuple):
@@ -153,7 +243,10 @@ def first_order_slope(objective: Objective, params: PyTree,
                       direction: PyTree) -> jax.Array:
   """``∂f(w)[u]`` by one first-order jvp (a forward pass and its tangent)."""
   direction = treemath.cast_like(direction, params)
-  return jax.jvp(objective.value(), (params,), (direction,))[1]
+  return checked_jvp(objective.value(), (params,), (direction,),
+                     f"{objective.who}'s slope gᵀu (no grad= given)",
+                     " Or pass grad= to update, which gives gᵀu without a"
+                     " jvp.")[1]
 
 
 def measure_or_hold(measure_now, inner: CurvatureEstimator, inner_state,
