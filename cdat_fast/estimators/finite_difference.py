@@ -66,11 +66,11 @@ float32 as ``(f₊ − f₀) + (f₋ − f₀)``, each exact when the values are
 A model that computes in bfloat16 from float32 parameters must pass its
 loss's rounding, e.g. ``noise=1e-3`` (the bench measured 1e-5 to 4e-3):
 the default would read float32's and choose steps far too short.
-Low-precision parameters also round the perturbed points: each pair is
-built as ``w ± d`` with the same ``d`` (so rounding adds no odd term), and
-bfloat16 leaves are rounded stochastically (a fixed hash dither), so that
-``d = μu`` on average instead of the small entries of ``μu`` rounding to
-0. Even so, curvature from bfloat16 loss values is coarse (errors of a few
+Low-precision parameters also round the perturbed points: bfloat16 leaves
+are rounded stochastically (a fixed hash dither), so that ``d = μu`` on
+average instead of the small entries of ``μu`` rounding to 0, and each
+pair is built as ``w ± d`` with the same ``d``, so that the dither adds no
+odd term ``gᵀ(d₊ − d₋)/μ²``. Even so, curvature from bfloat16 loss values is coarse (errors of a few
 percent to 20% on the bench's models, and no step size below 90% on the
 ViT at initialisation) where the jvp of a jvp in bfloat16 is within 1%
 (10% on that ViT). *Piecewise-linear activations* (ReLU): the difference
@@ -119,6 +119,7 @@ _LONGEST = 1.0  # μ‖u‖ ≤ _LONGEST ε_f^{1/4} max(‖w‖, 1)
 _SHORTEST = 1e-3  # μ‖u‖ ≥ _SHORTEST × the pilot
 _TOLERANCE = 16.0  # re-measure when rounding/truncation is off by more
 _MOVE = 10.0  # the length changes by at most this factor per measurement
+_EXPLAINED = 1.25  # the part of D(2μ) − D(μ) that rounding may explain, × r
 
 
 class FiniteDifferenceState(NamedTuple):
@@ -129,11 +130,21 @@ class FiniteDifferenceState(NamedTuple):
 
 
 def default_noise(params: PyTree) -> float:
-  """Machine epsilon of the lowest-precision float dtype among ``params``."""
-  eps = [float(jnp.finfo(jnp.asarray(x).dtype).eps)
-         for x in jax.tree.leaves(params)
-         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-  return max(eps, default=float(jnp.finfo(jnp.float32).eps))
+  """``ε_f`` for ``noise=None``, from the parameters' lowest float precision.
+
+  Its machine epsilon (``2^{-23}`` for float32, ``2^{-52}`` for float64),
+  but ``2^{-10}`` for 16-bit parameters: the loss of a bfloat16 model is
+  accumulated in float32 over many examples, and rounds to far less than
+  one bfloat16 epsilon (``2^{-7}``); ``bench/finite_difference_step.py``
+  measured 1e-5 to 4e-3 of the loss.
+  """
+  dtypes = [jnp.asarray(x).dtype for x in jax.tree.leaves(params)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  if not dtypes:
+    return float(jnp.finfo(jnp.float32).eps)
+  if min(jnp.finfo(d).bits for d in dtypes) <= 16:
+    return 2.0 ** -10
+  return max(float(jnp.finfo(d).eps) for d in dtypes)
 
 
 def _dither(shape, seed: int) -> jax.Array:
@@ -171,11 +182,11 @@ def perturbed_pair(params: PyTree, direction: PyTree,
                    mu: jax.Array) -> tuple[PyTree, PyTree]:
   """``(w + d, w − d)`` with ``d ≈ μu``, the same ``d`` in both.
 
-  ``d = round(w + μu) − w`` is computed in each leaf's dtype (exact when
-  the two are within a factor 2, Sterbenz), so the two points are
-  symmetric about ``w`` up to the rounding of ``w − d``: the rounding of
-  the perturbation adds no ``gᵀ(r₊ + r₋)/μ²`` term to the second
-  difference.
+  ``d = round(w + μu) − w`` in each leaf's dtype (exact, Sterbenz, when the
+  two are within a factor 2), and ``w − d`` is exact too unless it crosses
+  into a coarser binade: the two displacements are equal, so the rounding
+  of the perturbation (stochastic for bfloat16) adds no odd
+  ``gᵀ(d₊ − d₋)/μ²`` term to the second difference.
   """
   leaves, treedef = jax.tree.flatten(params)
   dirs = jax.tree.leaves(direction)
@@ -192,27 +203,35 @@ def perturbed_pair(params: PyTree, direction: PyTree,
   return treedef.unflatten(plus), treedef.unflatten(minus)
 
 
-class Differences(NamedTuple):
-  """The loss along ``w ± μu`` against ``f₀ = f(w)``, in ``f₀``'s dtype."""
-  second: jax.Array  # f₊ − 2f₀ + f₋, as (f₊ − f₀) + (f₋ − f₀)
-  first: jax.Array  # f₊ − f₋
-  scale: jax.Array  # max(|f₀|, |f₊|, |f₋|), the scale of the rounding
+def line_values(fn: Callable[[PyTree], jax.Array], params: PyTree,
+                direction: PyTree, mu: jax.Array, points, dtype) -> jax.Array:
+  """``f(w + s d(kμ))`` for each ``(k, s)`` of ``points``, in ``dtype``.
 
-
-def differences(fn: Callable[[PyTree], jax.Array], params: PyTree,
-                direction: PyTree, mu: jax.Array,
-                f0: jax.Array) -> Differences:
-  """Two forward passes, at :func:`perturbed_pair`'s ``w ± μu``.
-
-  ``f₊ − f₀`` and ``f₋ − f₀`` are differences of close values, exact in
-  floating point (Sterbenz), so their sum rounds only at the scale of the
-  second difference, not at that of ``f``.
+  ``d(kμ)`` is :func:`perturbed_pair`'s displacement, so ``s = ±1`` give
+  its two points. One forward pass per point, run one after the other by
+  ``jax.lax.map``: the objective is traced (and compiled) once, and one
+  point's parameters and activations are live at a time.
   """
-  plus, minus = perturbed_pair(params, direction, mu)
-  fp = interface.scalar(fn(plus), f0.dtype)
-  fm = interface.scalar(fn(minus), f0.dtype)
-  scale = jnp.maximum(jnp.abs(f0), jnp.maximum(jnp.abs(fp), jnp.abs(fm)))
-  return Differences((fp - f0) + (fm - f0), fp - fm, scale)
+  def at(point):
+    scale, sign = point[0], point[1]
+    plus, _ = perturbed_pair(params, direction, scale * mu)
+    here = jax.tree.map(
+        lambda w, p: p if not jnp.issubdtype(p.dtype, jnp.floating) else (
+            w + sign.astype(p.dtype) * (p - w)).astype(p.dtype),
+        params, plus)
+    return interface.scalar(fn(here), dtype)
+
+  return jax.lax.map(at, jnp.asarray(points, dtype))
+
+
+def second_difference(f0, fp, fm):
+  """``f₊ − 2f₀ + f₋`` as ``(f₊ − f₀) + (f₋ − f₀)``.
+
+  Each difference of two close values is exact in floating point
+  (Sterbenz), so the sum rounds at the scale of the second difference, not
+  at that of ``f``.
+  """
+  return (fp - f0) + (fm - f0)
 
 
 class Measurement(NamedTuple):
@@ -227,24 +246,30 @@ class Measurement(NamedTuple):
 def measure(fn, params, direction, f0, length, unorm, noise) -> Measurement:
   """``D(μ)`` and its estimated truncation and rounding, from ``D(2μ)``.
 
-  Truncation ``≈ |D(2μ) − D(μ)|/3`` (they are ``D + cμ²`` and ``D + 4cμ²``
-  to leading order); rounding ``≤ 4ε_f max|f|/μ²``. Four forward passes.
+  Rounding ``≤ r = 4ε_f max|f|/μ²`` (``r/4`` for ``D(2μ)``); truncation
+  ``≈ (D(2μ) − D(μ))/3``, since they are ``D + cμ²`` and ``D + 4cμ²`` to
+  leading order, less the ``1.25 r`` of that difference that rounding may
+  explain. Four forward passes.
   """
   mu = length / unorm
-  near = differences(fn, params, direction, mu, f0)
-  far = differences(fn, params, direction, 2 * mu, f0)
+  fp, fm, fp2, fm2 = line_values(fn, params, direction, mu,
+                                 ((1, 1), (1, -1), (2, 1), (2, -1)),
+                                 f0.dtype)
   mu2 = jnp.square(mu)
-  curvature = near.second / mu2
-  truncation = jnp.abs(far.second / 4 - near.second) / (3 * mu2)
-  rounding = 4 * noise * jnp.maximum(near.scale, far.scale) / mu2
+  near = second_difference(f0, fp, fm)
+  far = second_difference(f0, fp2, fm2)
+  curvature = near / mu2
+  scale = jnp.max(jnp.abs(jnp.stack([f0, fp, fm, fp2, fm2])))
+  rounding = 4 * noise * scale / mu2
+  change = jnp.abs(far / 4 - near) / mu2
+  truncation = jnp.maximum(change - _EXPLAINED * rounding, 0.0) / 3
   tiny = jnp.finfo(f0.dtype).tiny
   error = jnp.maximum(truncation, rounding) / jnp.maximum(
       jnp.abs(curvature), tiny)
   # Neither (a constant loss): no reason to move.
   balance = jnp.where((truncation > 0) | (rounding > 0),
                       rounding / jnp.maximum(truncation, tiny), 1.0)
-  return Measurement(length, curvature, near.first / (2 * mu), error,
-                     balance)
+  return Measurement(length, curvature, (fp - fm) / (2 * mu), error, balance)
 
 
 def next_length(m: Measurement, bounds) -> jax.Array:
@@ -260,24 +285,29 @@ def next_length(m: Measurement, bounds) -> jax.Array:
 
 def _automatic(fn, params, direction, f0, state, unorm, wscale, noise,
                max_retries):
-  """Measures at the state's length, re-measuring while it is off balance."""
+  """Measures at the state's length, again while it is off balance.
+
+  A do-while loop: the measurement (its four forward passes) is traced
+  once, whatever ``max_retries``.
+  """
   dtype = f0.dtype
   pilot = _PILOT * noise ** 0.25 * wscale
   bounds = (_SHORTEST * pilot, _LONGEST * noise ** 0.25 * wscale)
   length = jnp.where(state.length > 0, state.length, pilot).astype(dtype)
-  at = lambda length: measure(fn, params, direction, f0, length, unorm,
-                              noise)
 
-  def off_balance(carry):
-    tries, m = carry
+  def body(carry):
+    runs, length, _, _ = carry
+    m = measure(fn, params, direction, f0, length, unorm, noise)
+    wanted = next_length(m, bounds)
     off = (m.balance > _TOLERANCE) | (m.balance < 1 / _TOLERANCE)
-    moved = next_length(m, bounds) != m.length
-    return (tries < max_retries) & off & moved
+    again = (runs < max_retries) & off & (wanted != length)
+    return runs + 1, wanted, m, again
 
-  tries, m = jax.lax.while_loop(
-      off_balance, lambda c: (c[0] + 1, at(next_length(c[1], bounds))),
-      (jnp.zeros([], jnp.int32), at(length)))
-  return m, next_length(m, bounds), tries
+  zero = jnp.zeros([], dtype)
+  start = (jnp.zeros([], jnp.int32), length,
+           Measurement(length, zero, zero, zero, zero), jnp.asarray(True))
+  runs, wanted, m, _ = jax.lax.while_loop(lambda c: c[3], body, start)
+  return m, wanted, runs - 1
 
 
 def _check_arguments(step, noise, max_retries) -> None:
@@ -361,8 +391,10 @@ def finite_difference(
     else:
       length = jnp.asarray(step, dtype) * wscale
       mu = length / unorm
-      d = differences(fn, params, direction, mu, f0)
-      curvature, measured_slope = d.second / jnp.square(mu), d.first / (2 * mu)
+      fp, fm = line_values(fn, params, direction, mu, ((1, 1), (1, -1)),
+                           dtype)
+      curvature = second_difference(f0, fp, fm) / jnp.square(mu)
+      measured_slope = (fp - fm) / (2 * mu)
       error, tries = jnp.zeros([], dtype), jnp.zeros([], jnp.int32)
     estimate = Estimate(f0, measured_slope if slope is None else slope,
                         curvature)
