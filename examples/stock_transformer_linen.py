@@ -10,7 +10,9 @@ file) in minibatch with Adam + CDAT (``ema=0.9``) in one of four modes:
   16th row of the batch, ``estimators.subbatch(1/16,
   inner=estimators.finite_difference())``, with ``jax.nn.dot_product_attention``.
   It needs only the loss values, so it works with any attention, also one
-  without a forward-mode rule (cuDNN flash attention, a ``jax.custom_vjp``).
+  without a forward-mode rule (a ``jax.custom_vjp``; on a GPU,
+  ``jax.nn.dot_product_attention(..., implementation="cudnn")``, cuDNN's
+  flash attention).
 * ``exact``: the exact ``uᵀHu`` (a jvp of a jvp) with
   ``attention_fn=cdat_fast.nn.dot_product_attention``, whose values and
   gradients run flash attention and whose jvp of a jvp runs the fused

@@ -58,32 +58,34 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
   return {"x": t[:, :-1], "y": t[:, 1:]}
 
 
-def _functional(example, attention_fn, **sizes):
-  """``(params, value_fn, model)`` of the example's model, seed 0."""
+def _model(example, attention_fn, **sizes):
+  """``(model, params)`` of the example's model, seed 0 (nnx: no params)."""
   sizes = {**SIZES, **sizes}
   if _is_nnx(example):
-    model = example.Transformer(VOCAB, **sizes, attention_fn=attention_fn,
-                                rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return params, example.functions(graphdef, rest)[0], model
+    return example.Transformer(VOCAB, **sizes, attention_fn=attention_fn,
+                               rngs=nnx.Rngs(0)), None
   model = example.Transformer(VOCAB, **sizes, attention_fn=attention_fn)
-  params = model.init(jax.random.key(0), _batch()["x"])
-  return params, example.functions(model)[0], model
+  return model, jax.jit(model.init)(jax.random.key(0), _batch()["x"])
+
+
+def _step(example, attention_fn, mode, **sizes):
+  """The example's train step and its state: ``train_step(*state, batch)``."""
+  model, params = _model(example, attention_fn, **sizes)
+  optimizer = example.make_optimizer(mode, learning_rate=1e-2)
+  if _is_nnx(example):
+    return example.make_train_step(mode), [
+        model, nnx.Optimizer(model, optimizer, wrt=nnx.Param)]
+  return (example.make_train_step(model, optimizer, mode),
+          [params, optimizer.init(params)])
 
 
 def _trainer(example, attention_fn, mode):
   """``step(batch) -> (loss, optimizer state)`` of the example's train step."""
-  params, _, model = _functional(example, attention_fn)
-  optimizer = example.make_optimizer(mode, learning_rate=1e-2)
-  if _is_nnx(example):
-    opt = nnx.Optimizer(model, optimizer, wrt=nnx.Param)
-    train_step = example.make_train_step(mode)
-    return lambda batch: (train_step(model, opt, batch),
-                          nnx.as_pure(opt.opt_state))
-  state = [params, optimizer.init(params)]
-  train_step = example.make_train_step(model, optimizer, mode)
+  train_step, state = _step(example, attention_fn, mode)
 
   def step(batch):
+    if _is_nnx(example):  # updates the model and the optimizer in place
+      return train_step(*state, batch), nnx.as_pure(state[1].opt_state)
     state[0], state[1], loss = train_step(*state, batch)
     return loss, state[1]
 
@@ -99,7 +101,7 @@ def _train(step, steps: int = 8):
   return losses, rates
 
 
-def _assert_trains(losses, rates=None, drop=0.1):
+def _assert_trains(losses, rates=None, drop=0.2):
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - drop, losses
   if rates is not None:
     assert np.all(np.isfinite(rates)) and np.all(rates > 0), rates
@@ -153,25 +155,11 @@ def _pallas_calls(fn, *args) -> list[str]:
   return names
 
 
-def _cdat_update(example, value_fn):
-  """The exact CDAT update of Adam, as the example builds it."""
-  optimizer = example.make_optimizer("exact")
-
-  def update(params, batch):
-    grads = jax.grad(value_fn)(params, batch)
-    return optimizer.update(grads, optimizer.init(params), params,
-                            **example.objective_args("exact", value_fn,
-                                                     None), batch=batch)
-  return update
-
-
 def test_exact_cdat_step_runs_attention_jet_once_per_block(example):
-  batch = _batch()
   for attention, calls in (("cdat", ["attention_jet"] * 3), ("jax", [])):
-    params, value_fn, _ = _functional(
-        example, example.ATTENTION_FNS[attention], depth=3)
-    assert _pallas_calls(_cdat_update(example, value_fn), params,
-                         batch) == calls
+    train_step, state = _step(example, example.ATTENTION_FNS[attention],
+                              "exact", depth=3)
+    assert _pallas_calls(train_step, *state, _batch()) == calls
 
 
 def test_exact_mode_trains_with_jax_nn_attentions_curvature(example):
@@ -213,24 +201,28 @@ def reverse_only_attention(query, key, value, bias=None, mask=None, *,
 
 
 def test_forward_only_mode_needs_no_forward_mode_rule(example):
-  params, value_fn, _ = _functional(example, reverse_only_attention)
-  # The premise: a jvp of a jvp fails on it (JAX's message varies).
+  train_step, state = _step(example, reverse_only_attention, "exact")
+  # The premise: the exact curvature's jvp of a jvp fails on it (JAX's
+  # message varies).
   with pytest.raises((TypeError, NotImplementedError)):
-    jax.make_jaxpr(_cdat_update(example, value_fn))(params, _batch())
+    jax.make_jaxpr(train_step)(*state, _batch())
   losses, rates = _train(_trainer(example, reverse_only_attention, "fd"))
   _assert_trains(losses, rates)
 
 
 def _logits(example, attention_fn, tokens):
-  params, _, model = _functional(example, attention_fn)
-  return model(tokens) if _is_nnx(example) else model.apply(params, tokens)
+  model, params = _model(example, attention_fn)
+  if _is_nnx(example):
+    return nnx.jit(lambda m, t: m(t))(model, tokens)
+  return jax.jit(model.apply)(params, tokens)
 
 
 @pytest.mark.parametrize("attention", ["jax", "cdat"])
 def test_the_model_is_causal(example, attention):
   tokens = _tokens(0, (2, SIZES["max_len"]))
   changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % VOCAB)
-  fn = example.ATTENTION_FNS[attention]
-  before, after = (_logits(example, fn, t) for t in (tokens, changed))
+  logits = _logits(example, example.ATTENTION_FNS[attention],
+                   jnp.concatenate([tokens, changed]))
+  before, after = logits[:2], logits[2:]
   np.testing.assert_allclose(before[:, :-1], after[:, :-1], atol=1e-5)
   assert not np.allclose(before[:, -1], after[:, -1], atol=1e-3)
