@@ -70,10 +70,10 @@ Low-precision parameters also round the perturbed points: bfloat16 leaves
 are rounded stochastically (a fixed hash dither), so that ``d = μu`` on
 average instead of the small entries of ``μu`` rounding to 0, and each
 pair is built as ``w ± d`` with the same ``d``, so that the dither adds no
-odd term ``gᵀ(d₊ − d₋)/μ²``. Even so, curvature from bfloat16 loss values is coarse (errors of a few
-percent to 20% on the bench's models, and no step size below 90% on the
-ViT at initialisation) where the jvp of a jvp in bfloat16 is within 1%
-(10% on that ViT). *Piecewise-linear activations* (ReLU): the difference
+odd term ``gᵀ(d₊ − d₋)/μ²``. Even so, curvature from bfloat16 loss values is coarse: after a few
+updates, 2% to 22% off on the bench's models, and no step size below 90%
+on the ViT at initialisation, where the jvp of a jvp in bfloat16 is within
+1% (10% on that ViT). *Piecewise-linear activations* (ReLU): the difference
 sees the kinks crossed within ``±μu``, which the jvp of a jvp counts as
 zero curvature; against :func:`~cdat_fast.estimators.exact` they leave
 errors of a few percent (up to 9% on the bench's trained MLP) at every
