@@ -23,9 +23,9 @@ The automatic step (the default) evaluates ``f(w)`` and ``f`` at
 only: ``subbatch`` and ``every`` never pass it on); a step re-measured at
 once (below: the first update, or after a jump of the landscape) adds 4.
 A fixed ``step=h`` evaluates ``f(w)``, ``f(w ± μu)``: 3 passes (2). On
-every 16th row of the batch, 5 passes cost about a third of one forward
-pass of the batch. Memory: one forward pass at a time, and two perturbed
-copies of the parameters.
+every 16th row of the batch, 5 passes are 5/16 of a forward pass of the
+batch in FLOPs. Memory: one forward pass at a time (``jax.lax.map`` over
+the points), and two perturbed copies of the parameters.
 
 *Error*. With ``f`` evaluated to a relative rounding error ``ε_f``,
 
