@@ -113,11 +113,13 @@ def v5e() -> Target:
 
 @pytest.fixture
 def record(request):
-  """``record(target, compiled)``: adds a compile to the summary table."""
-  def add(target: Target, compiled) -> None:
-    _RESULTS.append(dict(target=target.name, case=request.node.callspec.id
-                         if hasattr(request.node, "callspec")
-                         else request.node.name,
+  """``record(target, compiled, label="")``: adds a compile to the summary
+  table, as the test's case (and ``label``, for a test compiling several)."""
+  def add(target: Target, compiled, label: str = "") -> None:
+    case = (request.node.callspec.id if hasattr(request.node, "callspec")
+            else request.node.name)
+    _RESULTS.append(dict(target=target.name,
+                         case=f"{case}/{label}" if label else case,
                          **dataclasses.asdict(compiled)))
   return add
 
@@ -128,10 +130,10 @@ def pytest_terminal_summary(terminalreporter, config):
   write = terminalreporter.write_line
   write("")
   write("compile-time results (XLA ahead of time, no device):")
-  write(f"{'target':<7} {'case':<44} {'kernels':>7} {'temp MiB':>10} "
+  write(f"{'target':<7} {'case':<56} {'kernels':>7} {'temp MiB':>10} "
         f"{'total MiB':>10} {'compile s':>9}")
   for r in _RESULTS:
-    write(f"{r['target']:<7} {r['case']:<44} {r['kernels']:>7} "
+    write(f"{r['target']:<7} {r['case']:<56} {r['kernels']:>7} "
           f"{r['temp_bytes'] / 2**20:>10.1f} {r['total_bytes'] / 2**20:>10.1f}"
           f" {r['seconds']:>9.1f}")
   path = config.getoption("--accel-report", None)
