@@ -7,7 +7,7 @@ gelu MLP, and a head tied to the token embedding; stock flax apart from the
 on every 16th row, with ``jax.nn.dot_product_attention``), ``exact`` and
 ``gauss_newton`` (with ``cdat_fast.nn.dot_product_attention``, whose jvp of
 a jvp runs the fused ``attention_jet`` kernel), and ``base`` (Adam alone);
-Adam + CDAT with ``ema=0.9`` and σ = 1.5 (the linen script says why).
+Adam + CDAT with ``ema=0.9`` and σ = 0.5 (the linen script says why).
 
 **CDAT with** ``nnx.Optimizer``. ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
 calls ``tx.update(grads, opt_state, params, **kwargs)`` with ``params`` a
@@ -148,7 +148,7 @@ def functions(graphdef: nnx.GraphDef, rest: nnx.State
   return value_fn, model_fn
 
 
-def make_optimizer(mode: str, *, scale: float = 1.5, ema: float = 0.9,
+def make_optimizer(mode: str, *, scale: float = 0.5, ema: float = 0.9,
                    learning_rate: float = 3e-3,
                    curvature_fraction: float | None = None
                    ) -> optax.GradientTransformation:
@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--width", type=int, default=128)
   p.add_argument("--depth", type=int, default=2)
   p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--scale", type=float, default=1.5, help="CDAT's sigma")
+  p.add_argument("--scale", type=float, default=0.5, help="CDAT's sigma")
   p.add_argument("--ema", type=float, default=0.9)
   p.add_argument("--curvature-fraction", type=float, default=None)
   p.add_argument("--lr", type=float, default=3e-3, help="Adam's, --mode base")

@@ -24,6 +24,8 @@ import numpy as np
 import optax
 import pytest
 
+from cdat_fast import estimators
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SIZES = dict(width=16, depth=1, num_heads=2, max_len=8)
 VOCAB, BATCH = 13, 16
@@ -92,7 +94,7 @@ def _trainer(example, attention_fn, mode):
   return step
 
 
-def _train(step, steps: int = 8):
+def _train(step, steps: int = 12):
   """Losses and CDAT's learning rates of ``steps`` steps on one batch."""
   results = [step(_batch()) for _ in range(steps)]
   losses = np.array([float(loss) for loss, _ in results])
@@ -101,7 +103,7 @@ def _train(step, steps: int = 8):
   return losses, rates
 
 
-def _assert_trains(losses, rates=None, drop=0.2):
+def _assert_trains(losses, rates=None, drop=0.15):
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - drop, losses
   if rates is not None:
     assert np.all(np.isfinite(rates)) and np.all(rates > 0), rates
@@ -171,7 +173,7 @@ def test_exact_mode_trains_with_jax_nn_attentions_curvature(example):
     got, want = (float(optax.tree.get(first[n][1], key)) for n in first)
     np.testing.assert_allclose(got, want, rtol=1e-4)
   assert float(optax.tree.get(first["cdat"][1], "denominator")) > 1e-4
-  losses, rates = _train(steps["cdat"], 7)
+  losses, rates = _train(steps["cdat"], 11)
   _assert_trains(np.concatenate([[float(first["cdat"][0])], losses]), rates)
 
 
@@ -202,9 +204,8 @@ def reverse_only_attention(query, key, value, bias=None, mask=None, *,
 
 def test_forward_only_mode_needs_no_forward_mode_rule(example):
   train_step, state = _step(example, reverse_only_attention, "exact")
-  # The premise: the exact curvature's jvp of a jvp fails on it (JAX's
-  # message varies).
-  with pytest.raises((TypeError, NotImplementedError)):
+  # The premise: the exact curvature cannot run through it.
+  with pytest.raises(estimators.NoForwardModeError, match="finite_difference"):
     jax.make_jaxpr(train_step)(*state, _batch())
   losses, rates = _train(_trainer(example, reverse_only_attention, "fd"))
   _assert_trains(losses, rates)
