@@ -34,10 +34,33 @@ def value_fn_kwargs(
   return {k: v for k, v in extra_args.items() if k in names}
 
 
+def scalar_valued(tuner: str, name: str,
+                  fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` with its output checked (at trace time) to be a scalar.
+
+  A vector would otherwise flow through the tuner's jvps and reductions and
+  become a vector learning rate, scaling the update entry by entry.
+  """
+  @functools.wraps(fn)
+  def checked(*args, **kwargs):
+    out = fn(*args, **kwargs)
+    shape = getattr(out, "shape", None)
+    if shape is None or tuple(shape) != ():
+      what = (f"an array of shape {tuple(shape)}" if shape is not None
+              else type(out).__name__)
+      raise ValueError(
+          f"{tuner}: {name} must return a scalar loss, got {what}; reduce it"
+          " (e.g. jnp.mean over the batch) before returning")
+    return out
+
+  return checked
+
+
 def bind_objective(
     tuner: str, value_fn: Callable[..., Any] | None, extra_args: dict[str, Any]
 ) -> Callable[[Any], Any]:
-  """Returns ``params -> value_fn(params, **kwargs)``; names ``value_fn`` if missing."""
+  """Returns ``params -> value_fn(params, **kwargs)``; names ``value_fn`` if
+  missing or if it returns anything but a scalar."""
   if value_fn is None:
     raise TypeError(
         f"{tuner}.update needs the objective: pass value_fn=<function of the"
@@ -47,6 +70,6 @@ def bind_objective(
   if not callable(value_fn):
     raise TypeError(f"{tuner}: value_fn must be callable, got {type(value_fn)}")
   kwargs = value_fn_kwargs(value_fn, extra_args)
-  if not kwargs:
-    return value_fn
-  return functools.partial(value_fn, **kwargs)
+  return scalar_valued(tuner, "value_fn",
+                       functools.partial(value_fn, **kwargs) if kwargs
+                       else value_fn)

@@ -164,3 +164,17 @@ def test_inside_chain_and_learning_rate_readable(name):
   # σ = 2 keeps a quadratic's loss level; every other tuner decreases it.
   assert float(parabola(optax.apply_updates(w, updates))) <= float(
       parabola(w)) * (1 + 1e-5)
+
+
+# Hypergradient never evaluates value_fn when it has the gradient.
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "hypergradient"])
+def test_a_vector_objective_is_an_error_that_names_it(name):
+  # A vector loss would otherwise become a vector learning rate that scales
+  # the update entry by entry.
+  opt = TUNERS[name]()
+  w = jnp.array([0.5, -1.0, 2.0])
+  vector_loss = lambda w: (w - 1.0) ** 2
+  with pytest.raises(ValueError, match="(value_fn|loss_fn) must return a"
+                     " scalar loss, got an array of shape \\(3,\\)"):
+    opt.update(jax.grad(lambda w: jnp.sum(vector_loss(w)))(w), opt.init(w), w,
+               value_fn=vector_loss)

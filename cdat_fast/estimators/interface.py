@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import optax
 
 from cdat_fast import treemath
-from cdat_fast.objective import bind_objective, value_fn_kwargs
+from cdat_fast.objective import (bind_objective, scalar_valued,
+                                  value_fn_kwargs)
 
 PyTree = Any
 
@@ -189,7 +190,8 @@ class Objective:
         raise TypeError(f"{self.who}: {name} must be callable, got {type(fn)}")
     bind = lambda fn: functools.partial(
         fn, **value_fn_kwargs(fn, self.extra_args))
-    return bind(self.model_fn), bind(self.loss_fn)
+    return bind(self.model_fn), scalar_valued(self.who, "loss_fn",
+                                              bind(self.loss_fn))
 
   def received(self, functions: tuple[str, ...]) -> dict[str, list[str]]:
     """For each extra argument, which of ``functions`` receive it."""
