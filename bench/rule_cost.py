@@ -13,8 +13,11 @@ with its ``‖u‖²`` computed by a pass over ``u``),
 ``sub16_gn`` (``subbatch(1/16, inner=gauss_newton())``), ``sub16_fwd`` (the
 sub-batch with the plain forward-only central difference below: three
 forward passes and nothing else), ``sub16_fd`` (the sub-batch with
-``estimators.finite_difference()``, where the library has it) and any
-variant name of ``bench_curvature.py``.
+``estimators.finite_difference()``, where the library has it; ``sub16_fd3``
+with its fixed step, three passes) and any variant name of
+``bench_curvature.py``; a sub-batch variant with ``_waits`` appended has
+its rows wait for ``gᵀu`` on CPU too, as they did before the wait was left
+to GPU and TPU programs (``sub16_gn_waits``).
 
 Run: ``python bench/rule_cost.py [--models fashion,mlp] [--rounds 15]``.
 """
@@ -25,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -55,14 +59,29 @@ def forward_only(mu: float = 1e-2) -> estimators.CurvatureEstimator:
                                        update)
 
 
+def _rows_wait(step):
+  """``step`` traced with the sub-batch's rows made to wait for ``gᵀu`` on
+  every platform, as GPU and TPU programs are (the CPU's were, before)."""
+  def traced(*args):
+    with mock.patch.object(jax.lax, "platform_dependent",
+                           lambda *a, default, **_: default(*a)):
+      return step(*args)
+  return traced
+
+
 def variant_step(problem, name):
   """``(init, step)`` of a variant (module doc)."""
+  if name.endswith("_waits"):
+    init, step = variant_step(problem, name[:-len("_waits")])
+    return init, _rows_wait(step)
   if name == "floor_norm":  # the floor's κ‖u‖² by a pass over u
     return bench_curvature.make_variant(problem, "floor", extra=dict(
         curvature=bench_curvature.constant_curvature(
             2.0 / problem.gd_learning_rate, from_slope=False)))
   inner = {"sub16_fwd": forward_only,
-           "sub16_fd": lambda: estimators.finite_difference()}.get(name)
+           "sub16_fd": lambda: estimators.finite_difference(),
+           "sub16_fd3": lambda: estimators.finite_difference(step=1e-3),
+           }.get(name)
   if inner is None:
     return bench_curvature.make_variant(problem, name)
   return bench_curvature.make_variant(problem, "sub16", extra=dict(
