@@ -1,7 +1,9 @@
 """The cdat-fast command line: smoke runs, the sweep's selection rule, errors."""
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 
 from cdat_fast.harness.cli import (_configs_from_args, build_parser, main,
@@ -332,3 +334,149 @@ def test_compare_and_sweep_flags_are_validated(argv, flag, capsys):
   assert rc == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and flag in err
+
+
+# -- errors that tell the truth, run directories, progress ---------------------
+
+_TINY_TRAIN = ["train", "--subset", "64", "--width", "8", "--depth", "1",
+               "--steps", "2", "--log-every", "2", "--quiet"]
+
+
+def _boom(*args, **kwargs):
+  raise ValueError("indices and arr must have the same number of dimensions")
+
+
+def test_an_internal_error_is_a_bug_report_with_a_log(tmp_path, capsys,
+                                                      monkeypatch):
+  from cdat_fast.harness import train
+  monkeypatch.setattr(train.Trainer, "run", _boom)
+  out = tmp_path / "run"
+  rc = main([*_TINY_TRAIN, "--out", str(out)])
+  err = capsys.readouterr().err.strip()
+  assert rc == 70  # not 2: a ValueError inside is a bug, not bad input
+  assert len(err.splitlines()) == 1
+  assert "internal error" in err and str(out / "error.log") in err
+  log = (out / "error.log").read_text()
+  assert "Traceback" in log and "_boom" in log and "--out" in log
+
+
+def test_an_internal_error_without_a_run_directory_logs_to_a_temp_file(
+    capsys, monkeypatch):
+  from pathlib import Path
+
+  from cdat_fast.harness import train
+  monkeypatch.setattr(train.Trainer, "run", _boom)
+  assert main(_TINY_TRAIN) == 70
+  err = capsys.readouterr().err.strip()
+  log = Path(err.rsplit(" ", 1)[-1])
+  try:
+    assert log.name.startswith("cdat-fast-error-")
+    assert "Traceback" in log.read_text()
+  finally:
+    log.unlink()
+
+
+def test_out_refuses_an_earlier_run_unless_overwrite(tmp_path, capsys):
+  out = tmp_path / "run"
+  (tmp_path / "run").mkdir()
+  (out / "notes.txt").write_text("mine")  # not a run: no refusal
+  assert main([*_TINY_TRAIN, "--checkpoint-every", "1",
+               "--out", str(out)]) == 0
+  assert (out / "checkpoints").is_dir()
+  capsys.readouterr()
+  assert main([*_TINY_TRAIN, "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert "already holds a run" in err and "--overwrite" in err
+  assert "--resume" in err
+  assert main([*_TINY_TRAIN, "--out", str(out), "--overwrite"]) == 0
+  assert not (out / "checkpoints").exists()  # the old run's, removed
+  assert (out / "summary.json").is_file()
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_sweep_refuses_a_directory_holding_runs(tmp_path, capsys):
+  args = ["sweep", "--subset", "64", "--width", "8", "--depth", "1",
+          "--steps", "2", "--log-every", "2", "--tuner", "constant",
+          "--lr-exponents", "0", "0", "--out", str(tmp_path)]
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "metrics.jsonl").write_text("{}\n")
+  assert main(args) == 2
+  assert "old" in capsys.readouterr().err
+  assert main([*args, "--overwrite"]) == 0
+  assert not (tmp_path / "old" / "metrics.jsonl").exists()
+
+
+def test_sharpness_every_is_honoured(tmp_path, capsys):
+  out = tmp_path / "run"
+  rc = main(["train", "--subset", "64", "--width", "8", "--depth", "1",
+             "--steps", "6", "--log-every", "3", "--sharpness-every", "2",
+             "--sharpness-iters", "5", "--out", str(out)])
+  assert rc == 0
+  records = [json.loads(line) for line in
+             (out / "metrics.jsonl").read_text().splitlines()]
+  measured = [r["step"] for r in records if "sharpness" in r]
+  assert measured == [2, 4, 6]
+  printed = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("step")]
+  assert [line.split()[1] for line in printed] == ["3/6", "6/6"]
+
+
+@pytest.mark.parametrize("argv, model, batch_size", [
+    (["--dataset", "shakespeare"], "nanolm", 64),
+    (["--dataset", "text", "--subset", "2048"], "nanolm", None),
+    (["--dataset", "text", "--batch-size", "32"], "nanolm", 32),
+    (["--dataset", "text", "--model", "nanolm-small"], "nanolm-small", 64),
+    ([], "mlp", None)])
+def test_text_defaults_to_a_language_model_in_minibatches(argv, model,
+                                                          batch_size):
+  from cdat_fast.harness.cli import _text_default
+  args = build_parser().parse_args(["train", *argv])
+  cfg = _text_default(_configs_from_args(args), echo=lambda line: None)
+  assert (cfg.model, cfg.batch_size) == (model, batch_size)
+
+
+def test_text_with_an_image_model_is_refused_in_one_line(tmp_path, capsys):
+  text = tmp_path / "input.txt"
+  text.write_text("to be or not to be " * 400)
+  rc = main(["train", "--dataset", "text", "--data-dir", str(text),
+             "--model", "mlp"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1
+  assert "--model must be a sequence model" in err and "nanolm" in err
+
+
+def test_compare_reports_each_variant_as_it_starts_and_ends(tmp_path, capsys):
+  rc = main(["compare", "--subset", "64", "--width", "8", "--depth", "1",
+             "--steps", "2", "--log-every", "2", "--lr-exponents", "0", "1",
+             "--schedules", "none", "--variants", "cdat_2,polyak",
+             "--out", str(tmp_path)])
+  assert rc == 0
+  lines = capsys.readouterr().out.splitlines()
+  starts = [line for line in lines if line.endswith("...")]
+  assert starts == ["[1/3] constant: 2 runs...", "[2/3] cdat_2: 1 run...",
+                    "[3/3] polyak: 1 run..."]
+  for label in ("[1/3] constant", "[2/3] cdat_2", "[3/3] polyak"):
+    done = [line for line in lines
+            if line.startswith(label) and not line.endswith("...")]
+    assert len(done) == 1 and re.search(r", \d+\.\ds$", done[0])
+
+
+def test_compare_figure_tells_every_series_apart():
+  from cdat_fast.harness.plots import draw_runs
+  runs = [{"history": {"loss": np.linspace(1, 0.1, 5) * (i + 1),
+                       "learning_rate": np.full(5, 0.1 * (i + 1))},
+           "records": []} for i in range(15)]
+  fig = draw_runs(runs, [f"variant {i}" for i in range(15)])
+  try:
+    lines = fig.axes[0].get_lines()
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines}
+    assert len(lines) == len(styles) == 15
+    legend, = fig.legends
+    assert len(legend.get_texts()) == 15
+    fig.canvas.draw()
+    right = max(ax.get_window_extent().x1 for ax in fig.axes)
+    assert legend.get_window_extent().x0 >= right  # beside, not over, them
+  finally:
+    import matplotlib.pyplot as plt
+    plt.close(fig)

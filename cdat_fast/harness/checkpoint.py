@@ -34,13 +34,14 @@ import numpy as np
 
 import cdat_fast
 from cdat_fast.harness.config import config_from_dict, config_to_dict
+from cdat_fast.harness.errors import InputError
 
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "mesh")
 # Written by cdat-fast 0.1.0, whose checkpoints do not record a version.
 UNVERSIONED = "0.1.0"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint is missing, incomplete or from an incompatible run."""
 
 

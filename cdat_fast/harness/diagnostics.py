@@ -39,6 +39,7 @@ import numpy as np
 from cdat_fast import checks, diagnostics
 from cdat_fast.curvature import preconditioner_from_state
 from cdat_fast.harness.data import Dataset, take_subset
+from cdat_fast.harness.errors import InputError, checked
 from cdat_fast.harness.optimizers import ADAPTIVE
 from cdat_fast.tuned import TunedState
 
@@ -69,6 +70,14 @@ class SpectrumConfig:
   seed: int = 0
 
   def validate(self) -> None:
+    """Checks every field by its flag's name (``spectrum_`` + the field).
+
+    Raises:
+      InputError: naming the field and what was wrong.
+    """
+    checked(self._validate)
+
+  def _validate(self) -> None:
     for name in ("every", "top_k", "density_probes", "trace_probes", "seed"):
       checks.check_int(f"spectrum_{name}", getattr(self, name), low=0)
     for name in ("chunk", "iters"):
@@ -234,13 +243,13 @@ class SpectrumMonitor:
     """Draws the subset from ``trainer``'s data and builds the measurement.
 
     Raises:
-      ValueError: if the subset is larger than the training set.
+      InputError: if the subset is larger than the training set.
     """
     ds: Dataset = trainer.dataset
     n = len(ds.x_train)
     size = min(n, 1024) if self.cfg.subset is None else self.cfg.subset
     if size > n:
-      raise ValueError(f"spectrum_subset must be at most the {n} training"
+      raise InputError(f"spectrum_subset must be at most the {n} training"
                        f" examples, got {size}")
     sub = take_subset(ds, size, seed=self.cfg.seed)
     self._chunks = make_chunks(sub.x_train, sub.y_train, self.cfg.chunk)
@@ -252,10 +261,6 @@ class SpectrumMonitor:
                                _preconditioner(train_cfg, state))
 
     self._measure = jax.jit(measure)
-    if self.path is not None:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      if not self._append:
-        self.path.write_text("")
 
   def measure(self, trainer, done: int, length: int, carry) -> dict[str, Any]:
     """The record entries for the chunk ending at step ``done`` (or {})."""
@@ -269,6 +274,9 @@ class SpectrumMonitor:
     if self.path is not None:
       line = {"step": done, **out,
               "settings": dataclasses.asdict(self.cfg)}
-      with open(self.path, "a") as f:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      # A fresh run starts the file at its first measurement.
+      with open(self.path, "a" if self._append else "w") as f:
         f.write(json.dumps(line) + "\n")
+      self._append = True
     return {k: v for k, v in out.items() if not k.startswith("density_")}

@@ -27,8 +27,10 @@ What ``cdat-fast sweep`` and ``cdat-fast compare`` run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -249,6 +251,29 @@ def _tuned_entry(label: str, tuned: Tuned, shown: Sequence[str]) -> Entry:
                tuned.rows)
 
 
+class VariantEvent(NamedTuple):
+  """A variant of :func:`compare` starting (``entry`` None) or done.
+
+  Attributes:
+    label: the variant.
+    index: its place in the line-up, from 1.
+    total: the number of variants.
+    runs: the runs it takes (grid points × seeds).
+    entry: its :class:`Entry` once done; None when starting.
+    seconds: how long it took; None when starting.
+  """
+  label: str
+  index: int
+  total: int
+  runs: int
+  entry: Entry | None = None
+  seconds: float | None = None
+
+
+def _grid_size(axes: dict[str, list]) -> int:
+  return math.prod(len(v) for v in axes.values())
+
+
 def compare(runner: SeedRunner, base: TrainConfig, *,
             learning_rates: Sequence[float],
             schedules: Sequence[str] = SCHEDULE_SHAPES,
@@ -257,7 +282,8 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
             tuners: Sequence[tuple[str, dict[str, Any]]] = (),
             tuned_tuners: Sequence[tuple[str, dict[str, Any],
                                          dict[str, list]]] = (),
-            on_row: Callable[[str, dict[str, Any]], None] | None = None
+            on_row: Callable[[str, dict[str, Any]], None] | None = None,
+            on_variant: Callable[[VariantEvent], None] | None = None
             ) -> list[Entry]:
   """The comparison line-up over seeds (see the module docstring).
 
@@ -276,6 +302,8 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
       tuned by the mean over seeds, like the constant's (e.g. Sophia's
       learning rate).
     on_row: called with ``(family, row)`` as each grid point is done.
+    on_variant: called with a :class:`VariantEvent` as each variant starts
+      and when it is done.
 
   Returns:
     One :class:`Entry` per variant: the tuned constant, each schedule, each
@@ -284,45 +312,94 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
   def family(name):
     return None if on_row is None else (lambda row: on_row(name, row))
 
+  plan = _plan(base, learning_rates, schedules, warmup_fractions,
+               horizon_fractions, tuners, tuned_tuners)
+  entries = []
+  for index, (label, size, make_entry) in enumerate(plan, 1):
+    event = VariantEvent(label, index, len(plan), size * runner.seeds)
+    if on_variant is not None:
+      on_variant(event)
+    start = time.perf_counter()
+    entries.append(make_entry(runner, family(label)))
+    if on_variant is not None:
+      on_variant(event._replace(entry=entries[-1],
+                                seconds=time.perf_counter() - start))
+  return entries
+
+
+def _plan(base, learning_rates, schedules, warmup_fractions,
+          horizon_fractions, tuners, tuned_tuners) -> list[tuple]:
+  """The line-up: ``(label, grid size, make_entry(runner, on_row))`` each."""
+  plan = [_constant_plan(base, learning_rates)]
+  for shape in schedules:
+    plan.append(_schedule_plan(base, shape, learning_rates, warmup_fractions,
+                               horizon_fractions))
+  for name, overrides in tuners:
+    plan.append((name, 1, functools.partial(_tuner_entry, base, name,
+                                            overrides)))
+  for name, overrides, axes in tuned_tuners:
+    plan.append((name, _grid_size(axes), functools.partial(
+        _tuned_tuner_entry, base, name, overrides, axes)))
+  return plan
+
+
+def _constant_plan(base, learning_rates) -> tuple:
+  """The constant learning rate's line of :func:`_plan`, tuned on the grid."""
   def constant(learning_rate):
     opt = dataclasses.replace(base.optimizer, tuner="constant",
                               schedule="constant", learning_rate=learning_rate)
     return dataclasses.replace(base, optimizer=opt)
 
-  entries = [_tuned_entry("constant", tune(
-      runner, "constant_", constant, {"learning_rate": list(learning_rates)},
-      on_row=family("constant")), ["learning_rate"])]
-  for shape in schedules:
-    horizons = [1.0] if shape == "warmup_constant" else list(horizon_fractions)
+  axes = {"learning_rate": list(learning_rates)}
 
-    def scheduled(learning_rate, warmup_fraction, horizon_fraction,
-                  shape=shape):
-      opt = dataclasses.replace(
-          base.optimizer, tuner="constant", schedule=shape,
-          learning_rate=learning_rate, warmup_fraction=warmup_fraction,
-          horizon_fraction=horizon_fraction)
-      return dataclasses.replace(base, optimizer=opt)
+  def make_entry(runner, on_row):
+    tuned = tune(runner, "constant_", constant, axes, on_row=on_row)
+    return _tuned_entry("constant", tuned, ["learning_rate"])
 
-    axes = {"learning_rate": list(learning_rates),
-            "warmup_fraction": list(warmup_fractions),
-            "horizon_fraction": horizons}
-    tuned = tune(runner, f"{shape}_", scheduled, axes, on_row=family(shape))
-    shown = [k for k in axes if len(axes[k]) > 1 or k == "learning_rate"]
-    entries.append(_tuned_entry(shape, tuned, shown))
-  for name, overrides in tuners:
-    opt = dataclasses.replace(base.optimizer, **overrides)
-    runs = runner.run(name, dataclasses.replace(base, optimizer=opt))
-    stats = runs.stats()
-    setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in overrides.items() if k != "tuner")
-    entries.append(Entry(name, setting, stats, runs, []))
-  for name, overrides, axes in tuned_tuners:
-    def tuned_cfg(overrides=overrides, **point):
-      opt = dataclasses.replace(base.optimizer, **overrides, **point)
-      return dataclasses.replace(base, optimizer=opt)
-    tuned = tune(runner, f"{name}_", tuned_cfg, axes, on_row=family(name))
-    entries.append(_tuned_entry(name, tuned, list(axes)))
-  return entries
+  return "constant", _grid_size(axes), make_entry
+
+
+def _schedule_plan(base, shape, learning_rates, warmup_fractions,
+                   horizon_fractions) -> tuple:
+  """A schedule's line of :func:`_plan`: its peak lr and warm-up tuned."""
+  horizons = [1.0] if shape == "warmup_constant" else list(horizon_fractions)
+
+  def scheduled(learning_rate, warmup_fraction, horizon_fraction):
+    opt = dataclasses.replace(
+        base.optimizer, tuner="constant", schedule=shape,
+        learning_rate=learning_rate, warmup_fraction=warmup_fraction,
+        horizon_fraction=horizon_fraction)
+    return dataclasses.replace(base, optimizer=opt)
+
+  axes = {"learning_rate": list(learning_rates),
+          "warmup_fraction": list(warmup_fractions),
+          "horizon_fraction": horizons}
+  shown = [k for k in axes if len(axes[k]) > 1 or k == "learning_rate"]
+
+  def make_entry(runner, on_row):
+    tuned = tune(runner, f"{shape}_", scheduled, axes, on_row=on_row)
+    return _tuned_entry(shape, tuned, shown)
+
+  return shape, _grid_size(axes), make_entry
+
+
+def _tuner_entry(base, name, overrides, runner, on_row) -> Entry:
+  """A tuner with fixed settings, run over seeds."""
+  del on_row  # one configuration: no grid rows
+  opt = dataclasses.replace(base.optimizer, **overrides)
+  runs = runner.run(name, dataclasses.replace(base, optimizer=opt))
+  setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in overrides.items() if k != "tuner")
+  return Entry(name, setting, runs.stats(), runs, [])
+
+
+def _tuned_tuner_entry(base, name, overrides, axes, runner, on_row) -> Entry:
+  """A tuner whose own hyperparameters (``axes``) are tuned by the mean."""
+  def tuned_cfg(**point):
+    opt = dataclasses.replace(base.optimizer, **overrides, **point)
+    return dataclasses.replace(base, optimizer=opt)
+  tuned = tune(runner, f"{name}_", tuned_cfg, axes, on_row=on_row)
+  return _tuned_entry(name, tuned, list(axes))
 
 
 def format_table(entries: Sequence[Entry], seeds: int) -> list[str]:

@@ -514,7 +514,9 @@ class NanoLM(nn.Module):
             num_heads=self.num_heads, qkv_features=self.head_size,
             out_features=self.embed_size, causal=True, name=name)(y)
     else:
-      mask = nn.make_causal_mask(tokens)
+      # One [1, 1, T, T] mask, broadcast over the batch: no mask per example
+      # to build and hold ([B, 1, T, T]).
+      mask = nn.make_causal_mask(tokens[:1])
 
       def attn(name):
         return lambda y: nn.MultiHeadDotProductAttention(
@@ -568,6 +570,10 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+# The sequence models, for text data (``[B, T]`` ids, ``[B, T]`` targets).
+TEXT_MODELS: tuple[str, ...] = tuple(
+    name for name, (cls, _) in _REGISTRY.items() if cls is NanoLM)
 
 
 def get_model(name: str, num_outputs: int, **overrides: Any) -> nn.Module:

@@ -40,8 +40,10 @@ from cdat_fast.curvature import preconditioner_from_state, sharpness
 from cdat_fast.harness.config import (FUSED_MODELS, TrainConfig,  # noqa: F401
                                       config_from_dict, config_to_dict)
 from cdat_fast.harness.data import Dataset, batches, load_dataset
+from cdat_fast.harness.errors import InputError, checked
 from cdat_fast.harness.losses import (accuracy, get_loss, l2_penalty,
                                       make_loss_fn)
+from cdat_fast.harness.memory import check_fits
 from cdat_fast.harness.models import get_model, init_params
 from cdat_fast.harness.optimizers import ADAPTIVE, build_optimizer
 from cdat_fast.harness.optimizers import OptimizerConfig  # noqa: F401
@@ -77,8 +79,9 @@ class BatchStream:
                epoch: int = 0, position: int = 0):
     n = len(dataset.x_train)
     if batch_size > n:
-      raise ValueError(
-          f"batch_size={batch_size} exceeds the {n} training examples")
+      raise InputError(
+          f"batch_size must be at most the {n} training examples, got"
+          f" {batch_size}")
     self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
     self.epoch, self.position = epoch, position
     self._epoch_batches = None
@@ -128,17 +131,19 @@ class Trainer:
         cfg.dataset, data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed)
     ds = self.dataset
     if cfg.loss == "squared" and ds.kind == "text":
-      raise ValueError("loss: use cross_entropy for text data")
-    self.model = build_model(cfg, ds)
+      raise InputError("loss must be cross_entropy for text data, got"
+                       " 'squared'")
+    self.model = checked(lambda: build_model(cfg, ds))
     self.loss_fn = make_loss_fn(self.model, cfg.loss, cfg.weight_decay)
-    self.optimizer, self.schedule = build_optimizer(
-        cfg.optimizer, cfg.steps,
-        curvature_fraction=self._curvature_fraction())
+    fraction = self._curvature_fraction()
+    self.optimizer, self.schedule = checked(lambda: build_optimizer(
+        cfg.optimizer, cfg.steps, curvature_fraction=fraction))
     self.curvature_kwargs = self._curvature_objective()
     self.mesh = None
     if cfg.mesh:
       from cdat_fast.sharding import make_mesh
-      self.mesh = make_mesh(cfg.mesh)
+      self.mesh = checked(lambda: make_mesh(cfg.mesh))
+    self._programs = {}  # compiled chunks by (length, batch shapes)
     self._chunk = jax.jit(self._chunk_impl, static_argnames=("length",),
                           donate_argnums=(0,))
     self._sharpness = jax.jit(self._sharpness_impl)
@@ -156,7 +161,7 @@ class Trainer:
       return None
     rows = self.cfg.batch_size or len(self.dataset.x_train)
     if k > rows or rows % k:
-      raise ValueError(
+      raise InputError(
           f"curvature_batch={k} must divide the batch ({rows} rows): the"
           " curvature is measured on every (rows/curvature_batch)-th example")
     return k / rows
@@ -245,12 +250,12 @@ class Trainer:
     from jax.sharding import NamedSharding, PartitionSpec as P
     from cdat_fast.sharding import shard_batch
     if not stacked:
-      return shard_batch(batch, self.mesh)
+      return checked(lambda: shard_batch(batch, self.mesh))
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     out = {}
     for k, x in batch.items():
       if x.shape[1] % shards:
-        raise ValueError(f"batch_size={x.shape[1]} is not divisible by the"
+        raise InputError(f"batch_size={x.shape[1]} is not divisible by the"
                          f" {shards} batch shards of mesh {self.cfg.mesh!r}")
       spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
       out[k] = jax.device_put(x, NamedSharding(self.mesh, spec))
@@ -303,6 +308,9 @@ class Trainer:
       if checkpointer is None:
         raise ValueError("resume needs the run directory (out_dir)")
       self._restore(run, checkpointer)
+    if run.done < cfg.steps:  # compiled, and checked to fit, before writing
+      length = self._next_length(run.done)
+      self._program(length, run.carry, self._batch_like(data, length))
     writer = _Writer(out_dir, cfg, run.records if resume else None)
     t0 = time.perf_counter()
     progress = progress and sys.stderr.isatty()
@@ -310,13 +318,14 @@ class Trainer:
                unit="step")
     try:
       while run.done < cfg.steps:
-        length = min(cfg.log_every, cfg.steps - run.done)
+        length = self._next_length(run.done)
         metrics = self._train_chunk(run, data, length)
         bar.update(length)
-        record = self._record(run, metrics, data, length)
+        logged = run.done % cfg.log_every == 0 or run.done == cfg.steps
+        record = self._record(run, metrics, data, length, logged)
         run.records.append(record)
         writer.record(record)
-        if echo is not None:
+        if echo is not None and logged:
           line = self._log_line(record)
           bar.write(line) if progress else echo(line)
         if self._check_divergence(run, metrics["loss"], length):
@@ -333,6 +342,54 @@ class Trainer:
 
   # -- the pieces of a run ---------------------------------------------------
 
+  def _next_length(self, done: int) -> int:
+    """Steps from ``done`` to the next log point, measurement or the end.
+
+    Chunks end at every multiple of ``log_every``, of ``sharpness_every``
+    and of the spectrum's ``every``, so each is honoured exactly (a length
+    not seen before compiles another program).
+    """
+    stops = [self.cfg.log_every, self.cfg.sharpness_every]
+    if self.spectrum is not None:
+      stops.append(self.spectrum.cfg.every)
+    to_next = min(every - done % every for every in stops if every)
+    return min(to_next, self.cfg.steps - done)
+
+  def _batch_like(self, data: _RunData, length: int):
+    """What :meth:`_train_chunk` passes for ``length`` steps (shapes only)."""
+    if self.cfg.batch_size is None:
+      return data.full
+    shards = None
+    out = {}
+    for k, x in (("x", self.dataset.x_train), ("y", self.dataset.y_train)):
+      shape = (length, self.cfg.batch_size) + x.shape[1:]
+      if self.mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        shards = NamedSharding(self.mesh, P(None, ("data", "fsdp"),
+                                            *([None] * (x.ndim - 1))))
+      out[k] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=shards)
+    return out
+
+  def _program(self, length: int, carry, batch):
+    """The compiled chunk of ``length`` steps on batches shaped as ``batch``.
+
+    Compiled once per length and batch shape; the first time, checked to
+    fit in memory (:func:`cdat_fast.harness.memory.check_fits`), so a batch
+    too large stops here, before anything is allocated for it.
+    """
+    key = (length,) + tuple((k, tuple(v.shape), str(v.dtype))
+                            for k, v in sorted(batch.items()))
+    program = self._programs.get(key)
+    if program is None:
+      program = self._chunk.lower(carry, batch, length=length).compile()
+      full = self.cfg.batch_size is None
+      devices = (list(self.mesh.devices.flat) if self.mesh is not None
+                 else jax.devices()[:1])
+      check_fits(program, devices, rows=batch["x"].shape[0 if full else 1],
+                 full_batch=full)
+      self._programs[key] = program
+    return program
+
   def _fresh_progress(self) -> _Progress:
     cfg = self.cfg
     stream = (BatchStream(self.dataset, cfg.batch_size, cfg.seed)
@@ -340,10 +397,17 @@ class Trainer:
     return _Progress(carry=self.init(), stream=stream)
 
   def _run_data(self) -> _RunData:
-    """The full batch (placed), the sharpness probe and the test set."""
+    """The full batch (placed), the sharpness probe and the test set.
+
+    Minibatch runs on one device place only the probe, not the training set.
+    """
     ds = self.dataset
-    full = self._place({"x": ds.x_train, "y": ds.y_train})
-    probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
+    train = {"x": ds.x_train, "y": ds.y_train}
+    if self.cfg.batch_size is None or self.mesh is not None:
+      full = self._place(train)
+      probe = full if len(ds.x_train) <= 4096 else _first(full, 4096)
+    else:
+      full, probe = None, self._place(_first(train, 4096))
     test = None
     if ds.x_test is not None and len(ds.x_test):
       test = jax.tree.map(jnp.asarray, {"x": ds.x_test, "y": ds.y_test})
@@ -381,7 +445,8 @@ class Trainer:
       chunk = [next(run.stream) for _ in range(length)]
       batch = self._place({k: np.stack([b[k] for b in chunk])
                            for k in ("x", "y")}, stacked=True)
-    run.carry, metrics = self._chunk(run.carry, batch, length=length)
+    run.carry, metrics = self._program(length, run.carry, batch)(run.carry,
+                                                                 batch)
     metrics = jax.device_get(metrics)
     for k, v in metrics.items():
       run.history.setdefault(k, []).append(np.asarray(v))
@@ -391,12 +456,16 @@ class Trainer:
     return metrics
 
   def _record(self, run: _Progress, metrics: dict[str, np.ndarray],
-              data: _RunData, length: int) -> dict[str, Any]:
-    """A chunk's log record: its last step's metrics, test accuracy, λ_max."""
+              data: _RunData, length: int, logged: bool = True
+              ) -> dict[str, Any]:
+    """A chunk's record: its last step's metrics and λ_max when due.
+
+    At a log point (``logged``) also the test accuracy.
+    """
     cfg = self.cfg
     record = {"step": run.done}
     record.update({k: float(v[-1]) for k, v in metrics.items()})
-    if data.test is not None:
+    if data.test is not None and logged:
       record["test_accuracy"] = float(self._eval(run.carry[0], data.test))
     if cfg.sharpness_every and (_crossed(run.done, length, cfg.sharpness_every)
                                 or run.done == length):
@@ -476,7 +545,7 @@ def _crossed(done: int, length: int, every: int) -> bool:
 
 
 class _RunData(NamedTuple):
-  full: Any  # the whole training set, on the device(s)
+  full: Any  # the whole training set, on the device(s); None: not placed
   probe: Any  # where the sharpness is measured (at most 4096 examples)
   test: Any  # the test set, or None
 
