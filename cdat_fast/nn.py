@@ -603,11 +603,10 @@ def _attention_op(config: flash.Config, num_heads: int | None, fused: bool):
     return like(o, args[0]), like(do, args[0])
 
   def attention_fused(args, dargs, ddargs):
-    heads = batch_heads((*args, *dargs, *ddargs))
     outs = kernels.attention_jet(
-        *(None if a is None else jnp.swapaxes(a, 1, 2) for a in heads),
-        scale=config.scale, causal=config.causal)
-    return tuple(like(jnp.swapaxes(o, 1, 2), args[0]) for o in outs)
+        *batch_heads((*args, *dargs, *ddargs)), scale=config.scale,
+        causal=config.causal, layout="sequence_major")
+    return tuple(like(o, args[0]) for o in outs)
 
   return _jet_op(plain, attention_fused if fused else None,
                  num_activations=3, first_order=first_order)

@@ -83,6 +83,9 @@ NAMES = ("q", "k", "v", "dq", "dk", "dv", "ddq", "ddk", "ddv")
 _KEY_TILE_BYTES = 8192
 
 
+LAYOUTS = ("heads_first", "sequence_major")
+
+
 class _Config(NamedTuple):
   scale: float
   causal: bool
@@ -91,6 +94,7 @@ class _Config(NamedTuple):
   interpret: Any
   num_warps: int | None
   precision: lax.PrecisionLike
+  layout: str = "heads_first"
 
 
 def _dots(precision):
@@ -189,13 +193,15 @@ def _store(out_refs, carry):
 
 def _attention_jet_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,
                           ddq_ref, ddk_ref, ddv_ref, o_ref, do_ref, ddo_ref,
-                          *, scale, causal, block_k, seq_k, precision):
+                          *, scale, causal, block_k, seq_k, precision,
+                          q_axis=1):
   """Triton/interpreter body: one block of queries against all keys, online
-  over key blocks looped here (the key/value refs hold the whole sequence)."""
+  over key blocks looped here (the key/value refs hold the whole sequence).
+  ``q_axis``: the grid axis of the query blocks."""
   block_q = q_ref.shape[0]
   f32 = jnp.float32
   qs = tuple(r[...].astype(f32) for r in (q_ref, dq_ref, ddq_ref))
-  q_start = pl.program_id(1) * block_q
+  q_start = pl.program_id(q_axis) * block_q
   rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
   dots = _dots(precision)
   first = pl.ds(0, block_k)
@@ -321,7 +327,51 @@ def _specs(target, causal, block_q, block_k, s_p, d_p, dv_p):
           pl.BlockSpec((None, block_q, dv_p), lambda h, i, j: (h, i, 0)))
 
 
+def _sequence_major_call(config: _Config, target, *args):
+  """The Triton/interpreter kernel on ``(B, T, H, D)`` arrays read in place:
+  grid (batch, head, query block), blocks ``(None, rows, None, D)``; no
+  transposes. None where the tiles would need padding."""
+  q, k, v = args[:3]
+  b, t, h, d = q.shape
+  s, d_v = k.shape[1], v.shape[-1]
+  block_q, block_k, d_p, dv_p = _tiles(config, target, t, s, d, d_v, q.dtype)
+  if t % block_q or s % block_k or d_p != d or dv_p != d_v:
+    return None
+  q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, n: (i, n, j, 0))
+  k_spec = pl.BlockSpec((None, s, None, d), lambda i, j, n: (i, 0, j, 0))
+  v_spec = pl.BlockSpec((None, s, None, d_v), lambda i, j, n: (i, 0, j, 0))
+  o_spec = pl.BlockSpec((None, block_q, None, d_v),
+                        lambda i, j, n: (i, n, j, 0))
+  num_warps = config.num_warps
+  if num_warps is None:
+    num_warps = 4 if block_q * max(d, d_v) <= 64 * 64 else 8
+  kernel = functools.partial(
+      _attention_jet_kernel, scale=config.scale, causal=config.causal,
+      block_k=block_k, seq_k=s, precision=config.precision, q_axis=2)
+  return tuple(pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct((b, t, h, d_v), q.dtype)] * 3,
+      grid=(b, h, t // block_q),
+      in_specs=[q_spec, k_spec, v_spec] * 3,
+      out_specs=[o_spec] * 3,
+      interpret=target.interpret,
+      compiler_params=lowering.compiler_params(target, num_warps=num_warps),
+      name="attention_jet",
+  )(*args))
+
+
 def _attention_jet_pallas(config: _Config, target, *args):
+  if config.layout == "sequence_major":
+    if target.kind != lowering.TPU:
+      outs = _sequence_major_call(config, target, *args)
+      if outs is not None:
+        return outs
+    # Mosaic TPU's blocks need the last two dimensions whole or (8, 128)
+    # aligned, which (rows, head) slices are not: heads first.
+    outs = _attention_jet_pallas(config._replace(layout="heads_first"),
+                                 target, *(jnp.swapaxes(a, 1, 2)
+                                           for a in args))
+    return tuple(jnp.swapaxes(o, 1, 2) for o in outs)
   q, k, v = args[:3]
   *lead, t, d = q.shape
   s, d_v = k.shape[-2], v.shape[-1]
@@ -369,22 +419,33 @@ def _attention_jet_pallas(config: _Config, target, *args):
   return tuple(o[:, :t, :d_v].reshape(*lead, t, d_v) for o in outs)
 
 
-def _check_and_promote(args):
+def _heads_first_shape(shape, layout):
+  """``shape`` as heads-first ``(..., T, D)`` (sequence-major ``(B, T, H, D)``
+  reads as ``(B, H, T, D)``)."""
+  if layout == "sequence_major":
+    return (shape[0], shape[2], shape[1], shape[3])
+  return tuple(shape)
+
+
+def _check_and_promote(args, layout="heads_first"):
   q, k, v = args[:3]
   for name, a in zip(NAMES[:3], (q, k, v)):
     if a is None:
       raise ValueError(f"{name} is required")
+    if layout == "sequence_major" and a.ndim != 4:
+      raise ValueError(f"{name} must have shape (B, length, heads, features)"
+                       f" with layout='sequence_major', got {a.shape}")
     if a.ndim < 2:
       raise ValueError(f"{name} must have shape (..., length, features),"
                        f" got {a.shape}")
-  if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
-    raise ValueError("q, k and v must share their leading dimensions, got"
-                     f" {q.shape}, {k.shape}, {v.shape}")
-  if k.shape[-1] != q.shape[-1]:
-    raise ValueError(f"k must have q's feature size {q.shape[-1]}, got"
-                     f" {k.shape}")
-  if v.shape[-2] != k.shape[-2]:
-    raise ValueError(f"v must have k's length {k.shape[-2]}, got {v.shape}")
+  qs, ks, vs = (_heads_first_shape(a.shape, layout) for a in (q, k, v))
+  if ks[:-2] != qs[:-2] or vs[:-2] != qs[:-2]:
+    raise ValueError("q, k and v must share their batch and head dimensions,"
+                     f" got {q.shape}, {k.shape}, {v.shape}")
+  if ks[-1] != qs[-1]:
+    raise ValueError(f"k must have q's feature size {qs[-1]}, got {k.shape}")
+  if vs[-2] != ks[-2]:
+    raise ValueError(f"v must have k's length {ks[-2]}, got {v.shape}")
   for name, a in zip(NAMES[3:], args[3:]):
     like = {"q": q, "k": k, "v": v}[name[-1]]
     if a is not None and a.shape != like.shape:
@@ -400,37 +461,43 @@ def _check_and_promote(args):
   return tuple(out)
 
 
-def _resolve(q, scale, causal, s):
-  if causal and s != q.shape[-2]:
+def _resolve(t, d, scale, causal, s):
+  """The logit scale, after checking causality's ``s == t``."""
+  if causal and s != t:
     raise ValueError("causal attention needs as many keys as queries, got"
-                     f" {q.shape[-2]} queries and {s} keys")
-  return float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+                     f" {t} queries and {s} keys")
+  return float(1.0 / math.sqrt(d) if scale is None else scale)
+
+
+def _reference_of(config: _Config):
+  return functools.partial(attention_jet_reference, scale=config.scale,
+                           causal=config.causal, precision=config.precision,
+                           layout=config.layout)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _attention_jet_call(config, *args):
   if any(a.size == 0 for a in args[:3]):
-    return attention_jet_reference(*args, scale=config.scale,
-                                   causal=config.causal,
-                                   precision=config.precision)
+    return _reference_of(config)(*args)
+  # Rows: the independent (batch, head) slices; under a mesh the call is
+  # split along the first of them (kernels/partitioning.py).
+  batch_ndim = 1 if config.layout == "sequence_major" else args[0].ndim - 2
   return lowering.per_platform(
       lambda target: functools.partial(_attention_jet_pallas, config, target),
       config.interpret, *args, name="attention_jet",
-      rows=((True,) * len(args), args[0].ndim - 2))
+      rows=((True,) * len(args), batch_ndim))
 
 
 @_attention_jet_call.defjvp
 def _attention_jet_call_jvp(config, primals, tangents):
   # Pallas' automatic JVP breaks on zero tangents; differentiate the
   # reference instead (the same function).
-  ref = functools.partial(attention_jet_reference, scale=config.scale,
-                          causal=config.causal, precision=config.precision)
-  return jax.jvp(ref, primals, tangents)
+  return jax.jvp(_reference_of(config), primals, tangents)
 
 
 @functools.partial(
     jax.jit, static_argnames=("scale", "causal", "interpret", "block_q",
-                              "block_k", "num_warps", "precision"))
+                              "block_k", "num_warps", "precision", "layout"))
 def attention_jet(
     q: jax.Array, k: jax.Array, v: jax.Array,
     dq: jax.Array | None, dk: jax.Array | None, dv: jax.Array | None,
@@ -443,12 +510,15 @@ def attention_jet(
     block_k: int = 64,
     num_warps: int | None = None,
     precision: lax.PrecisionLike = None,
+    layout: str = "heads_first",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Fused second-order jet of softmax attention (see the module docstring).
 
   Args:
     q: queries ``(..., T, D)``; leading dimensions (batch, heads) are
-      flattened into independent heads.
+      flattened into independent heads. With ``layout="sequence_major"``,
+      ``(B, T, H, D)`` (``jax.nn.dot_product_attention``'s layout), and
+      likewise ``(B, S, H, D)`` for the keys and values.
     k: keys ``(..., S, D)``.
     v: values ``(..., S, D_v)``.
     dq, dk, dv: first-order tangents (same shapes) or None for zero.
@@ -460,18 +530,28 @@ def attention_jet(
     block_k: keys per step of the online softmax, a power of two.
     num_warps: Triton warps per tile on GPU (None: 4 or 8 by tile size).
     precision: matmul precision inside the kernel.
+    layout: ``"heads_first"`` or ``"sequence_major"``. The Triton version
+      (and the interpreter) reads sequence-major blocks in place, with no
+      transposed copies of the nine inputs, where the tiles need no
+      padding; Mosaic TPU's block rule needs heads first, so the TPU
+      version transposes.
 
   Returns:
-    ``(o, do, ddo)`` of shape ``(..., T, D_v)`` in the inputs' common dtype
-    (accumulated in float32).
+    ``(o, do, ddo)`` shaped like ``q`` with ``v``'s feature size, in the
+    inputs' common dtype (accumulated in float32).
   """
-  args = _check_and_promote((q, k, v, dq, dk, dv, ddq, ddk, ddv))
-  scale = _resolve(args[0], scale, causal, args[1].shape[-2])
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  args = _check_and_promote((q, k, v, dq, dk, dv, ddq, ddk, ddv), layout)
+  seq = 1 if layout == "sequence_major" else -2
+  scale = _resolve(args[0].shape[seq], args[0].shape[-1], scale, causal,
+                   args[1].shape[seq])
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value < 1 or value & (value - 1):
       raise ValueError(f"{name} must be a power of two, got {value}")
   config = _Config(scale, bool(causal), block_q, block_k,
-                   lowering.check_interpret(interpret), num_warps, precision)
+                   lowering.check_interpret(interpret), num_warps, precision,
+                   layout)
   return _attention_jet_call(config, *args)
 
 
@@ -483,16 +563,22 @@ def attention_jet_reference(
     scale: float | None = None,
     causal: bool = False,
     precision: lax.PrecisionLike = None,
+    layout: str = "heads_first",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Pure-``jnp`` reference for :func:`attention_jet`: the closed-form jet.
 
   Materialises the ``T × S`` logits and probabilities and their tangents, in
   float32, with the formulas of the module docstring.
   """
-  args = _check_and_promote((q, k, v, dq, dk, dv, ddq, ddk, ddv))
+  args = _check_and_promote((q, k, v, dq, dk, dv, ddq, ddk, ddv), layout)
+  if layout == "sequence_major":
+    outs = attention_jet_reference(
+        *(jnp.swapaxes(a, 1, 2) for a in args), scale=scale, causal=causal,
+        precision=precision)
+    return tuple(jnp.swapaxes(o, 1, 2) for o in outs)
   dtype = args[0].dtype
   q, k, v, dq, dk, dv, ddq, ddk, ddv = (a.astype(jnp.float32) for a in args)
-  c = _resolve(q, scale, causal, k.shape[-2])
+  c = _resolve(q.shape[-2], q.shape[-1], scale, causal, k.shape[-2])
 
   def qk(a, b):
     return jnp.einsum("...td,...sd->...ts", a, b, precision=precision)

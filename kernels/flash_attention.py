@@ -295,11 +295,10 @@ def _tpu_module(config, q, k, v):
 def _jet_tangent(q, k, v, dq, dk, dv, config):
   """ȯ by the flash-style jet kernel (its second order left at zero)."""
   from .attention_jet import attention_jet  # pylint: disable=g-import-not-at-top
-  heads = lambda a: jnp.swapaxes(a, 1, 2)
-  _, do, _ = attention_jet(
-      *(heads(a) for a in (q, k, v, dq, dk, dv)), None, None, None,
-      scale=config.scale, causal=config.causal)
-  return heads(do)
+  _, do, _ = attention_jet(q, k, v, dq, dk, dv, None, None, None,
+                           scale=config.scale, causal=config.causal,
+                           layout="sequence_major")
+  return do
 
 
 def _forward_version(platform: str, config: Config):

@@ -182,3 +182,29 @@ def test_tpu_version_matches_reference(causal, s, blocks):
   out = attention_jet(*args, causal=causal, block_q=blocks[0],
                       block_k=blocks[1], interpret=pltpu.InterpretParams())
   _assert_close(out, reference(*args, causal=causal), 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("t, blocks, platform", [
+    (32, (16, 8), None),  # Read in place: 2 query blocks, 4 key blocks.
+    (T, (16, 16), None),  # Padded tiles: transposed to heads first.
+    (32, (16, 16), pltpu.InterpretParams()),  # TPU version: heads first.
+])
+def test_sequence_major_layout_is_the_heads_first_jet(t, blocks, platform):
+  # (B, T, H, D), jax.nn.dot_product_attention's layout: the same jet as on
+  # the heads-first arrays, and the reference agrees.
+  heads_first = [a[:, :, :t] for a in _inputs(11, s=T)]
+  seq = [jnp.swapaxes(a, 1, 2) for a in heads_first]
+  out = attention_jet(*seq, causal=True, block_q=blocks[0], block_k=blocks[1],
+                      layout="sequence_major", interpret=platform)
+  expected = reference(*heads_first, causal=True)
+  _assert_close([jnp.swapaxes(o, 1, 2) for o in out], expected, 1e-4, 1e-4)
+  _assert_close(_reference(*seq, causal=True, layout="sequence_major"),
+                [jnp.swapaxes(e, 1, 2) for e in expected], 1e-5, 1e-5)
+
+
+def test_sequence_major_layout_needs_four_dimensions():
+  args = [a[0] for a in _inputs(12)]
+  with pytest.raises(ValueError, match="sequence_major"):
+    attention_jet(*args, layout="sequence_major")
+  with pytest.raises(ValueError, match="layout"):
+    attention_jet(*args, layout="bthd")
