@@ -339,7 +339,8 @@ def test_compare_and_sweep_flags_are_validated(argv, flag, capsys):
 # -- errors that tell the truth, run directories, progress ---------------------
 
 _TINY_TRAIN = ["train", "--subset", "64", "--width", "8", "--depth", "1",
-               "--steps", "2", "--log-every", "2", "--quiet"]
+               "--steps", "2", "--log-every", "2", "--tuner", "constant",
+               "--quiet"]
 
 
 def _boom(*args, **kwargs):
@@ -411,7 +412,8 @@ def test_sharpness_every_is_honoured(tmp_path, capsys):
   out = tmp_path / "run"
   rc = main(["train", "--subset", "64", "--width", "8", "--depth", "1",
              "--steps", "6", "--log-every", "3", "--sharpness-every", "2",
-             "--sharpness-iters", "5", "--out", str(out)])
+             "--sharpness-iters", "5", "--tuner", "constant",
+             "--out", str(out)])
   assert rc == 0
   records = [json.loads(line) for line in
              (out / "metrics.jsonl").read_text().splitlines()]
@@ -448,13 +450,13 @@ def test_text_with_an_image_model_is_refused_in_one_line(tmp_path, capsys):
 
 def test_compare_reports_each_variant_as_it_starts_and_ends(tmp_path, capsys):
   rc = main(["compare", "--subset", "64", "--width", "8", "--depth", "1",
-             "--steps", "2", "--log-every", "2", "--lr-exponents", "0", "1",
+             "--steps", "2", "--log-every", "2", "--lr-exponents", "0", "0",
              "--schedules", "none", "--variants", "cdat_2,polyak",
              "--out", str(tmp_path)])
   assert rc == 0
   lines = capsys.readouterr().out.splitlines()
   starts = [line for line in lines if line.endswith("...")]
-  assert starts == ["[1/3] constant: 2 runs...", "[2/3] cdat_2: 1 run...",
+  assert starts == ["[1/3] constant: 1 run...", "[2/3] cdat_2: 1 run...",
                     "[3/3] polyak: 1 run..."]
   for label in ("[1/3] constant", "[2/3] cdat_2", "[3/3] polyak"):
     done = [line for line in lines

@@ -9,9 +9,11 @@ import pytest
 
 from cdat_fast.harness import memory
 from cdat_fast.harness.errors import InputError
+from cdat_fast.harness.optimizers import OptimizerConfig
 from cdat_fast.harness.train import TrainConfig, Trainer
 
 TEXT_ROWS = 256  # blocks of the text fixture: its batch outnumbers any mask
+CONSTANT = OptimizerConfig(tuner="constant")  # the cheapest step to compile
 
 
 def _lowered_constant_sizes(text: str) -> list[int]:
@@ -56,7 +58,7 @@ def _text_config(text_file, **kw):
   return TrainConfig(**{
       "dataset": "text", "data_dir": str(text_file), "subset": TEXT_ROWS,
       "model": "nanolm-small", "loss": "cross_entropy", "steps": 2,
-      "log_every": 2, **kw})
+      "log_every": 2, "optimizer": CONSTANT, **kw})
 
 
 def _assert_data_is_an_argument(trainer):
@@ -67,6 +69,7 @@ def _assert_data_is_an_argument(trainer):
 
 
 def test_full_batch_enters_the_step_as_an_argument():
+  # CDAT's step: the batch reaches the loss through the tuner's value_fn too.
   _assert_data_is_an_argument(Trainer(TrainConfig(
       dataset="digits", subset=128, width=16, depth=1, steps=2,
       log_every=2)))
@@ -89,7 +92,7 @@ def test_a_step_that_does_not_fit_stops_before_running(tmp_path,
                                                        monkeypatch):
   monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
   cfg = TrainConfig(dataset="digits", subset=128, width=16, depth=1,
-                    steps=2, log_every=2)
+                    steps=2, log_every=2, optimizer=CONSTANT)
   with pytest.raises(InputError) as e:
     Trainer(cfg).run(tmp_path / "run", progress=False, echo=None)
   message = str(e.value)
@@ -106,7 +109,8 @@ def test_the_compiled_step_is_reused_after_its_check(monkeypatch):
   monkeypatch.setattr(memory, "available_bytes",
                       lambda device: checked.append(device) or 2 ** 62)
   trainer = Trainer(TrainConfig(dataset="digits", subset=64, width=8,
-                                depth=1, steps=6, log_every=2))
+                                depth=1, steps=6, log_every=2,
+                                optimizer=CONSTANT))
   result = trainer.run(progress=False, echo=None)
   assert result.summary["steps"] == 6
   assert len(checked) == 1 and len(trainer._programs) == 1  # noqa: SLF001
