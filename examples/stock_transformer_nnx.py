@@ -18,7 +18,8 @@ and rebuild the model from it with ``nnx.merge``; inside the jitted step::
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def value_fn(params, batch):  # a pure function of the parameters
-    return loss(nnx.merge(graphdef, params, rest), batch)
+    rebuilt = nnx.merge(graphdef, params, rest)
+    return cross_entropy(rebuilt(batch["x"]), batch)
 
   loss, grads = jax.value_and_grad(value_fn)(params, batch)
   optimizer.update(model, grads, value_fn=value_fn, batch=batch)
@@ -26,6 +27,8 @@ and rebuild the model from it with ``nnx.merge``; inside the jitted step::
 One definition of the objective serves the gradient and the curvature, and
 ``nnx.merge`` builds a throwaway model for each evaluation (the jvps trace
 through it), so ``model`` itself is only changed by ``optimizer.update``.
+Gauss–Newton's ``model_fn(params, batch)`` is the same rebuild returning the
+logits (:func:`functions`).
 
 **Causality.** ``nnx.MultiHeadAttention.__call__`` passes its own
 ``is_causal`` (default False) to ``attention_fn``, which overrides an
