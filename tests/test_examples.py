@@ -66,8 +66,16 @@ def _model(example, attention_fn, **sizes):
   if _is_nnx(example):
     return example.Transformer(VOCAB, **sizes, attention_fn=attention_fn,
                                rngs=nnx.Rngs(0)), None
-  model = example.Transformer(VOCAB, **sizes, attention_fn=attention_fn)
-  return model, jax.jit(model.init)(jax.random.key(0), _batch()["x"])
+  return (example.Transformer(VOCAB, **sizes, attention_fn=attention_fn),
+          _linen_params(example.__name__, sizes["depth"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _linen_params(name: str, depth: int):
+  """The linen model's initial parameters (the attention has none): one
+  compilation of ``init`` per depth."""
+  model = sys.modules[name].Transformer(VOCAB, **{**SIZES, "depth": depth})
+  return jax.jit(model.init)(jax.random.key(0), _batch()["x"])
 
 
 def _step(example, attention_fn, mode, **sizes):
