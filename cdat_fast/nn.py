@@ -703,6 +703,10 @@ def dot_product_attention(
         num_heads=8, attention_fn=functools.partial(
             cdat_fast.nn.dot_product_attention, is_causal=True))
 
+  (``flax.nnx.MultiHeadAttention`` passes its own ``is_causal`` to the
+  ``attention_fn``: give it ``attention_fn=dot_product_attention`` and call
+  the module with ``is_causal=True``.)
+
   Without ``bias``, ``mask``, sequence lengths, a local window or active
   dropout (causality given as ``is_causal``), it is one op whose
 
