@@ -323,7 +323,7 @@ def _describe(cfg) -> str:
 def cmd_train(args) -> int:
   from cdat_fast.harness import rundir
   from cdat_fast.harness.train import Trainer
-  data, stale = None, []
+  stale = []
   if args.resume:
     if args.out and Path(args.out) != Path(args.resume):
       raise CLIError("--resume continues the run in its own directory; drop"
@@ -634,7 +634,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="cdat-fast",
-      description="Curvature-aware learning-rate tuning (CDAT) and baselines.")
+      description="Curvature-aware learning-rate tuning (CDAT) and baselines.",
+      epilog="Exit codes: 0 done; 2 bad input (one line naming the flag or"
+      " file); 3 the run diverged; 70 internal error, a bug in cdat-fast (one"
+      " line, the traceback in OUT/error.log or in the temporary file it"
+      " names); 130 interrupted.")
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("train", help="train one model (the main job)")
   _add_run_args(p)

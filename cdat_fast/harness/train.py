@@ -4,7 +4,10 @@ A run trains a model from :mod:`cdat_fast.harness.models` on a data set from
 :mod:`cdat_fast.harness.data` with an optimizer from
 :mod:`cdat_fast.harness.optimizers`, as a :class:`TrainConfig`
 (:mod:`cdat_fast.harness.config`) says. Steps run inside ``jax.lax.scan`` over
-chunks of ``log_every`` steps, so the host only wakes up to log. Every step
+chunks of ``log_every`` steps (cut shorter where a measurement is due), so
+the host only wakes up to log; the training data enters each chunk as an
+argument, and each chunk's program is compiled once and checked to fit in
+memory before it runs (:mod:`cdat_fast.harness.memory`). Every step
 records the loss, the learning rate, the gradient norm and (for CDAT) the
 numerator and denominator; every ``sharpness_every`` steps the
 (preconditioned, for RMSProp/Adam) sharpness ``λ_max`` and ``η·λ_max`` (2 is
@@ -12,7 +15,7 @@ the edge of stability) are measured by power iteration, warm-started from the
 previous eigenvector.
 
 Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` (one line per log
-point), ``history.npz`` (per-step loss and learning rate), ``summary.json``
+point or measurement), ``history.npz`` (per-step loss and learning rate), ``summary.json``
 (final loss = mean train loss over the last 5 iterates, as in the paper's
 appendix C.3) and ``training.png``.
 """
