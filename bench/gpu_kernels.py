@@ -29,8 +29,7 @@ Sections, each a list of cases, run in this order under one time budget:
   jvp-of-jvp compiled in one process and timed in interleaved repeats
   (median, min, max, spread; TFLOP/s and GB/s of the fused kernel's work,
   counted as bench/roofline.py does), beside the roofline estimate of
-  bench/RESULTS.md ("Session 4: roofline and compiled memory", "Session 5:
-  layer_norm_jet per layer and bf16 models").
+  bench/RESULTS.md ("The roofline estimate", "One layer's jet").
 ``models``
   One training step of bench/roofline.py's ``model_step`` (MLP
   784->1024x3->10 at batch T = 1024, 4096; the paper's NanoLM at batch 16,
@@ -133,8 +132,8 @@ ROOFLINE_LAYERS_US = {
 }
 
 # (model, T, dtype, layers) -> {mode: roofline µs}; ratios over "base".
-# bench/RESULTS.md "Session 6: compiled memory of the CDAT step" (the code
-# these runs measure; XLA's exact NanoLM rows from Sessions 4 and 5).
+# bench/RESULTS.md "CDAT steps of two models" (the code these runs measure;
+# XLA's exact NanoLM rows from an earlier compile, within 0.2%).
 ROOFLINE_STEPS_US = {
     ("mlp", 1024, "f32", "fused"): dict(base=64.6, exact=139.7, sub16_gn=87.2),
     ("mlp", 1024, "f32", "xla"): dict(base=64.6, exact=143.0, sub16_gn=87.2),

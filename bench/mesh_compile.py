@@ -4,7 +4,7 @@
 For each target (8 H100 in one host, 2 hosts x 4 H100, a TPU v5e 4x4 slice,
 and 8 fake CPU devices for comparison) and each of its meshes (data
 parallel, FSDP), compiles ahead of time (XLA deviceless AOT, see
-``/work/shared/notes/accelerators.md``) one training step per variant
+``docs/accelerators.md``) one training step per variant
 through :func:`cdat_fast.sharding.make_train_step`, and reads per device:
 
 * the compiled memory (``memory_analysis()``: arguments, temporaries);

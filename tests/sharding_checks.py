@@ -1,6 +1,6 @@
 """Multi-device checks of the tuners, run in subprocesses by test_sharding.py.
 
-The default test session sees one CPU device; these checks need several, so
+The default test process sees one CPU device; these checks need several, so
 they run in a fresh interpreter with ``XLA_FLAGS=
 --xla_force_host_platform_device_count=N`` (set here before JAX starts) and
 print one JSON object on the last line of stdout.

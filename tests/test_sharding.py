@@ -1,6 +1,6 @@
 """Sharded and multi-process execution (:mod:`cdat_fast.sharding`).
 
-The test session sees one CPU device, so the multi-device checks run in
+The test process sees one CPU device, so the multi-device checks run in
 subprocesses (``tests/sharding_checks.py``) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and report JSON: every
 tuner on a data-parallel and an FSDP mesh against one device, the compiled
