@@ -14,6 +14,7 @@ import importlib as _importlib
 from cdat_fast.cdat import CDATState, cdat, on_edge, quadratic_greedy, scale_by_cdat
 from cdat_fast.curvature import (SharpnessResult, directional_derivatives, hvp,
                                  preconditioner_from_state, sharpness)
+from cdat_fast.gen import GeNState, gen, scale_by_gen
 from cdat_fast.hypergradient import (HypergradientState, hypergradient,
                                      scale_by_hypergradient)
 from cdat_fast.linesearch import (BacktrackingState, backtracking_linesearch,
@@ -30,13 +31,13 @@ _LAZY_SUBMODULES = ("curvature", "diagnostics", "estimators", "harness",
                     "kernels", "nn", "sharding", "theory")
 
 __all__ = [
-    "BacktrackingState", "CDATState", "HypergradientState", "PolyakState",
-    "SharpnessResult", "SharpnessRuleState", "TunedState",
-    "backtracking_linesearch", "cdat", "directional_derivatives", "hvp",
+    "BacktrackingState", "CDATState", "GeNState", "HypergradientState",
+    "PolyakState", "SharpnessResult", "SharpnessRuleState", "TunedState",
+    "backtracking_linesearch", "cdat", "directional_derivatives", "gen", "hvp",
     "hypergradient", "on_edge", "polyak", "preconditioner_from_state",
     "quadratic_greedy", "scale_by_backtracking_linesearch", "scale_by_cdat",
-    "scale_by_hypergradient", "scale_by_polyak", "scale_by_sharpness_rule",
-    "sharpness", "sharpness_rule", "tuned",
+    "scale_by_gen", "scale_by_hypergradient", "scale_by_polyak",
+    "scale_by_sharpness_rule", "sharpness", "sharpness_rule", "tuned",
 ]
 
 
