@@ -157,6 +157,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--peer-max-lr", type=_float, default=100.0,
                  help="η_max of the optax_backtracking and optax_polyak peers")
   g.add_argument("--hyper-beta", type=_float, default=1e-2)
+  _add_peer_args(g)
+
+
+def _add_peer_args(g) -> None:
+  """The learning-rate-free peers' one knob each (cdat_fast.harness.peers)."""
+  g.add_argument("--peer-lr", type=_float, default=None,
+                 help="the learning rate of schedule_free, dadapt, dog, dowg"
+                 " and momo (default: each one's published default)")
+  g.add_argument("--peer-warmup", type=_float, default=0.0,
+                 help="schedule_free: linear warm-up over this fraction of"
+                 " --steps (default 0: none)")
+  g.add_argument("--d-coef", type=_float, default=1.0,
+                 help="prodigy: its d_coef, the factor on its step estimate")
+  g.add_argument("--gen-every", type=_positive_int, default=4,
+                 help="gen: refresh its learning rate every N steps (Φ;"
+                 " its η₀ is --lr)")
 
 
 def _add_spectrum_args(p: argparse.ArgumentParser) -> None:
@@ -196,6 +212,28 @@ def _spectrum_monitor(args):
       density_probes=args.spectrum_density_probes,
       trace_probes=args.spectrum_trace_probes, seed=args.seed)
   return SpectrumMonitor(cfg, args.out, append=bool(args.resume))
+
+
+def _add_compare_grids(p: argparse.ArgumentParser) -> None:
+  """compare's grids of the tuned lines (compare_tuned_variants)."""
+  p.add_argument("--cdat-scales", type=_float_list, default=[1.0, 1.5, 2.0],
+                 help="cdat_tuned's grid of σ (default 1,1.5,2)")
+  p.add_argument("--schedule-free-lrs", type=_float_list,
+                 default=[1.0, 2.0, 4.0],
+                 help="schedule_free_tuned's learning rates, as multiples of"
+                 " --lr (default 1,2,4)")
+  p.add_argument("--schedule-free-warmups", type=_float_list,
+                 default=[0.0, 0.05],
+                 help="schedule_free_tuned's warm-up fractions (default"
+                 " 0,0.05)")
+  p.add_argument("--prodigy-d-coefs", type=_float_list,
+                 default=[0.5, 1.0, 2.0],
+                 help="prodigy_tuned's d_coef grid (default 0.5,1,2)")
+  p.add_argument("--dadapt-lrs", type=_float_list, default=[0.5, 1.0, 2.0],
+                 help="dadapt_tuned's learning rates (default 0.5,1,2)")
+  p.add_argument("--momo-lrs", type=_float_list, default=[0.1, 1.0, 10.0],
+                 help="momo_tuned's α, as multiples of its default (default"
+                 " 0.1,1,10)")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -474,8 +512,23 @@ def _plot_sweep(rows, axes, path):
 
 # -- compare ------------------------------------------------------------------
 
+def _peer_base(name: str, base: str) -> dict[str, Any]:
+  """``{"base": ...}`` when peer ``name`` does not run with ``base``."""
+  from cdat_fast.harness.peers import PEER_BASES
+  bases = PEER_BASES.get(name, (base,))
+  return {} if base in bases else {"base": bases[0]}
+
+
 def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
-  """The tuners of the paper's Fig. 1/5 line-up on one setting."""
+  """The tuners of the paper's Fig. 1/5 line-up on one setting, and the peers.
+
+  The learning-rate-free peers run with their published defaults, each with
+  a base it is built on (:data:`~cdat_fast.harness.peers.PEER_BASES`);
+  GeN starts from ``--lr``. With ``--curvature-batch K``, ``cdat_2_fast``
+  is CDAT σ=2 with the Gauss–Newton curvature on ``K`` examples of each
+  batch (the recommended fast mode).
+  """
+  from cdat_fast.harness.peers import LR_FREE
   v = [("linesearch", dict(tuner="linesearch")),
        ("quadratic_greedy", dict(tuner="quadratic_greedy")),
        ("cdat_2", dict(tuner="cdat", scale=2.0)),
@@ -488,16 +541,68 @@ def compare_variants(args) -> list[tuple[str, dict[str, Any]]]:
        ("optax_zoom", dict(tuner="optax_zoom"))]
   if args.base == "gd":  # the peers that are their own base optimizer
     v.append(("optax_polyak", dict(tuner="optax_polyak")))
+  for name in (n for n in LR_FREE if n != "gen"):  # gen starts from --lr
+    v.append((name, dict(tuner=name, **_peer_base(name, args.base))))
+  v.append(("gen", dict(tuner="gen", learning_rate=args.learning_rate)))
+  fast = getattr(args, "fast_curvature_batch", None)
+  if fast:
+    v.append(("cdat_2_fast", dict(tuner="cdat", scale=2.0,
+                                  curvature="gauss_newton",
+                                  curvature_batch=fast)))
   return v
 
 
-def compare_tuned_variants(args) -> list[tuple[str, dict[str, Any],
-                                               dict[str, list]]]:
-  """Peers whose own learning rate is tuned on a grid (``--sophia-lrs``)."""
-  if args.base != "gd":
-    return []
-  return [("sophia", dict(tuner="sophia"),
-           {"learning_rate": list(args.sophia_lrs)})]
+def _scaled(values, factor) -> list[float]:
+  return [float(f"{factor * v:.6g}") for v in values]
+
+
+def compare_tuned_variants(args) -> list:
+  """Tuners whose own knob is tuned on a grid, by the mean over seeds.
+
+  Sophia's learning rate (``--sophia-lrs``, with ``--base gd``); the
+  learning-rate-free peers' knob that their authors advise tuning:
+  Schedule-Free's learning rate (``--schedule-free-lrs`` × ``--lr``) and
+  warm-up (``--schedule-free-warmups``), Prodigy's ``d_coef``
+  (``--prodigy-d-coefs``), D-Adaptation's learning rate (``--dadapt-lrs``),
+  MoMo's ``α`` (``--momo-lrs`` × its default); CDAT's σ (``--cdat-scales``;
+  and in the fast mode with ``--curvature-batch``). A grid that holds the
+  published defaults also gives their line (``prodigy``, ``cdat_2``, ...).
+  """
+  from cdat_fast.harness.experiments import TunedVariant
+  from cdat_fast.harness.peers import published_lr
+  v = []
+  if args.base == "gd":
+    v.append(TunedVariant("sophia", dict(tuner="sophia"),
+                          {"learning_rate": list(args.sophia_lrs)}))
+  sf = _peer_base("schedule_free", args.base)
+  sf_base = sf.get("base", args.base)
+  v.append(TunedVariant(
+      "schedule_free_tuned", dict(tuner="schedule_free", **sf),
+      {"peer_lr": _scaled(args.schedule_free_lrs, args.learning_rate),
+       "peer_warmup": list(args.schedule_free_warmups)}, "schedule_free",
+      {"peer_lr": published_lr("schedule_free", sf_base), "peer_warmup": 0.0}))
+  v.append(TunedVariant(
+      "prodigy_tuned", dict(tuner="prodigy", **_peer_base("prodigy",
+                                                          args.base)),
+      {"d_coef": list(args.prodigy_d_coefs)}, "prodigy", {"d_coef": 1.0}))
+  v.append(TunedVariant(
+      "dadapt_tuned", dict(tuner="dadapt", **_peer_base("dadapt", args.base)),
+      {"peer_lr": list(args.dadapt_lrs)}, "dadapt", {"peer_lr": 1.0}))
+  momo = _peer_base("momo", args.base)
+  alpha = published_lr("momo", momo.get("base", args.base))
+  v.append(TunedVariant(
+      "momo_tuned", dict(tuner="momo", **momo),
+      {"peer_lr": _scaled(args.momo_lrs, alpha)}, "momo", {"peer_lr": alpha}))
+  v.append(TunedVariant("cdat_tuned", dict(tuner="cdat"),
+                        {"scale": list(args.cdat_scales)}, "cdat_2",
+                        {"scale": 2.0}))
+  fast = getattr(args, "fast_curvature_batch", None)
+  if fast:
+    v.append(TunedVariant(
+        "cdat_tuned_fast", dict(tuner="cdat", curvature="gauss_newton",
+                                curvature_batch=fast),
+        {"scale": list(args.cdat_scales)}, "cdat_2_fast", {"scale": 2.0}))
+  return v
 
 
 def _choose(text: str | None, valid: Sequence[str], flag: str) -> list[str]:
@@ -539,10 +644,22 @@ def _print_variant(event) -> None:
 
 
 def _compare_lineup(args, experiments) -> dict[str, Any]:
-  """``experiments.compare``'s line-up from the flags (each one checked)."""
+  """``experiments.compare``'s line-up from the flags (each one checked).
+
+  A tuned variant chosen with its defaults' line (``prodigy_tuned`` and
+  ``prodigy``) runs the defaults once, as a point of its grid, when the
+  grid holds them.
+  """
   tuners = dict(compare_variants(args))
-  tuned = {name: (name, o, a) for name, o, a in compare_tuned_variants(args)}
+  tuned = {t.name: t for t in compare_tuned_variants(args)}
   chosen = _choose(args.variants, list(tuners) + list(tuned), "--variants")
+  for t in tuned.values():
+    in_grid = t.default is not None and all(
+        v in t.axes[k] for k, v in t.default.items())
+    if t.name in chosen and t.default_label in chosen and in_grid:
+      chosen.remove(t.default_label)
+    elif t.name in chosen and t.default_label is not None:
+      tuned[t.name] = t._replace(default_label=None)
   return dict(
       learning_rates=_lr_grid(args),
       schedules=_choose(args.schedules, experiments.SCHEDULE_SHAPES,
@@ -558,6 +675,8 @@ def _compare_lineup(args, experiments) -> dict[str, Any]:
 def cmd_compare(args) -> int:
   from cdat_fast.harness import experiments, rundir
   from cdat_fast.harness.plots import plot_runs
+  # --curvature-batch K: CDAT's fast-mode lines, not the whole line-up's.
+  args.fast_curvature_batch, args.curvature_batch = args.curvature_batch, None
   base_cfg = _configs_from_args(args)
   lineup = _compare_lineup(args, experiments)
   out = Path(args.out) if args.out else Path("runs/compare")
@@ -683,14 +802,20 @@ def build_parser() -> argparse.ArgumentParser:
                  " --steps (default 1; the paper: 1,0.5,0.25)")
   p.add_argument("--variants", default=None,
                  help="tuners, comma-separated among linesearch,"
-                 " quadratic_greedy, cdat_2, cdat_2.0625, cdat_2.5, polyak,"
-                 " hypergradient and the Optax peers optax_backtracking,"
-                 " optax_zoom, optax_polyak and sophia (the last two with"
-                 " --base gd only) (default: all; none: no tuners)")
+                 " quadratic_greedy, cdat_2, cdat_2.0625, cdat_2.5,"
+                 " cdat_tuned, polyak, hypergradient, the Optax peers"
+                 " optax_backtracking, optax_zoom, optax_polyak and sophia"
+                 " (the last two with --base gd only), the learning-rate-free"
+                 " peers schedule_free, prodigy, dadapt, dog, dowg, mechanic,"
+                 " cocob, momo, gen and their tuned lines schedule_free_tuned,"
+                 " prodigy_tuned, dadapt_tuned, momo_tuned; with"
+                 " --curvature-batch K also cdat_2_fast and cdat_tuned_fast"
+                 " (default: all; none: no tuners)")
   p.add_argument("--sophia-lrs", type=_float_list,
                  default=[0.001, 0.004, 0.016, 0.064],
                  help="the grid of Sophia's learning rate, tuned by the mean"
                  " (default 0.001,0.004,0.016,0.064)")
+  _add_compare_grids(p)
   _add_seeds_arg(p)
   p.add_argument("--out", default=None)
   _add_overwrite_arg(p)

@@ -22,7 +22,11 @@ What ``cdat-fast sweep`` and ``cdat-fast compare`` run
   and the tuners (line search, quadratically greedy, CDAT σ ∈ {2, 2.0625,
   2.5}, Polyak, hypergradient), then the peers of
   :mod:`cdat_fast.harness.peers` (Optax's line searches and Polyak SGD,
-  Sophia with its learning rate tuned on its own grid).
+  Sophia with its learning rate tuned on its own grid, the
+  learning-rate-free optimizers with their published defaults and with
+  their one knob tuned on a grid, GeN). A tuned variant whose grid holds
+  the published defaults (:class:`TunedVariant`'s ``default``) also gives
+  the defaults' line, from the same runs.
 """
 from __future__ import annotations
 
@@ -251,6 +255,25 @@ def _tuned_entry(label: str, tuned: Tuned, shown: Sequence[str]) -> Entry:
                tuned.rows)
 
 
+class TunedVariant(NamedTuple):
+  """A tuner whose own hyperparameters are tuned by the mean over seeds.
+
+  Attributes:
+    name: the tuned line's label (e.g. ``prodigy_tuned``).
+    overrides: the OptimizerConfig fields it sets.
+    axes: the tuned fields and their grids.
+    default_label: the label of the published defaults' line (e.g.
+      ``prodigy``), taken from the grid's runs; None: no such line.
+    default: the defaults' grid point (``{"d_coef": 1.0}``); the line is
+      given only when the grid holds it.
+  """
+  name: str
+  overrides: dict[str, Any]
+  axes: dict[str, list]
+  default_label: str | None = None
+  default: dict[str, Any] | None = None
+
+
 class VariantEvent(NamedTuple):
   """A variant of :func:`compare` starting (``entry`` None) or done.
 
@@ -259,7 +282,8 @@ class VariantEvent(NamedTuple):
     index: its place in the line-up, from 1.
     total: the number of variants.
     runs: the runs it takes (grid points × seeds).
-    entry: its :class:`Entry` once done; None when starting.
+    entry: its :class:`Entry` once done (a tuned variant's tuned line);
+      None when starting.
     seconds: how long it took; None when starting.
   """
   label: str
@@ -297,10 +321,10 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
     horizon_fractions: the horizons of the decaying schedules, as fractions
       of the number of steps (the paper: 1, 1/2, 1/4).
     tuners: ``(name, OptimizerConfig overrides)`` of the tuners.
-    tuned_tuners: ``(name, overrides, axes)`` of tuners whose own
-      hyperparameters (``axes``: OptimizerConfig fields and their grids) are
-      tuned by the mean over seeds, like the constant's (e.g. Sophia's
-      learning rate).
+    tuned_tuners: :class:`TunedVariant` (or ``(name, overrides, axes)``) of
+      tuners whose own hyperparameters (``axes``: OptimizerConfig fields
+      and their grids) are tuned by the mean over seeds, like the
+      constant's (e.g. Sophia's learning rate).
     on_row: called with ``(family, row)`` as each grid point is done.
     on_variant: called with a :class:`VariantEvent` as each variant starts
       and when it is done.
@@ -320,7 +344,8 @@ def compare(runner: SeedRunner, base: TrainConfig, *,
     if on_variant is not None:
       on_variant(event)
     start = time.perf_counter()
-    entries.append(make_entry(runner, family(label)))
+    made = make_entry(runner, family(label))
+    entries.extend(made if isinstance(made, list) else [made])
     if on_variant is not None:
       on_variant(event._replace(entry=entries[-1],
                                 seconds=time.perf_counter() - start))
@@ -337,9 +362,10 @@ def _plan(base, learning_rates, schedules, warmup_fractions,
   for name, overrides in tuners:
     plan.append((name, 1, functools.partial(_tuner_entry, base, name,
                                             overrides)))
-  for name, overrides, axes in tuned_tuners:
-    plan.append((name, _grid_size(axes), functools.partial(
-        _tuned_tuner_entry, base, name, overrides, axes)))
+  for variant in tuned_tuners:
+    variant = TunedVariant(*variant)
+    plan.append((variant.name, _grid_size(variant.axes), functools.partial(
+        _tuned_tuner_entry, base, variant)))
   return plan
 
 
@@ -383,23 +409,47 @@ def _schedule_plan(base, shape, learning_rates, warmup_fractions,
   return shape, _grid_size(axes), make_entry
 
 
+def configured(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+  """``base`` with ``overrides``: OptimizerConfig fields, or TrainConfig's
+  (``curvature_batch`` for CDAT's fast mode)."""
+  run_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {
+      "optimizer"}
+  run = {k: v for k, v in overrides.items() if k in run_fields}
+  opt = {k: v for k, v in overrides.items() if k not in run_fields}
+  return dataclasses.replace(
+      base, **run, optimizer=dataclasses.replace(base.optimizer, **opt))
+
+
 def _tuner_entry(base, name, overrides, runner, on_row) -> Entry:
   """A tuner with fixed settings, run over seeds."""
   del on_row  # one configuration: no grid rows
-  opt = dataclasses.replace(base.optimizer, **overrides)
-  runs = runner.run(name, dataclasses.replace(base, optimizer=opt))
+  runs = runner.run(name, configured(base, overrides))
   setting = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in overrides.items() if k != "tuner")
   return Entry(name, setting, runs.stats(), runs, [])
 
 
-def _tuned_tuner_entry(base, name, overrides, axes, runner, on_row) -> Entry:
-  """A tuner whose own hyperparameters (``axes``) are tuned by the mean."""
+def _tuned_tuner_entry(base, variant: TunedVariant, runner, on_row
+                       ) -> list[Entry]:
+  """A tuner whose own hyperparameters are tuned by the mean.
+
+  Returns:
+    The tuned line, after the defaults' line when the grid holds it.
+  """
   def tuned_cfg(**point):
-    opt = dataclasses.replace(base.optimizer, **overrides, **point)
-    return dataclasses.replace(base, optimizer=opt)
-  tuned = tune(runner, f"{name}_", tuned_cfg, axes, on_row=on_row)
-  return _tuned_entry(name, tuned, list(axes))
+    return configured(base, {**variant.overrides, **point})
+  tuned = tune(runner, f"{variant.name}_", tuned_cfg, variant.axes,
+               on_row=on_row)
+  entries = [_tuned_entry(variant.name, tuned, list(variant.axes))]
+  if variant.default_label is None or variant.default is None:
+    return entries
+  for row, runs in zip(tuned.rows, tuned.runs):
+    if all(row[k] == v for k, v in variant.default.items()):
+      setting = ", ".join(f"{k} {v:g}" for k, v in variant.default.items())
+      entries.insert(0, Entry(variant.default_label,
+                              f"{setting} (published default)", row, runs,
+                              []))
+  return entries
 
 
 def format_table(entries: Sequence[Entry], seeds: int) -> list[str]:

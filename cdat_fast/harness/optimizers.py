@@ -18,7 +18,7 @@ import optax
 from cdat_fast import checks
 from cdat_fast import estimators
 from cdat_fast.cdat import cdat, make_estimator
-from cdat_fast.harness.peers import OWN_BASE, PEERS, build_peer
+from cdat_fast.harness.peers import PEERS, build_peer, check_base
 from cdat_fast.hypergradient import hypergradient
 from cdat_fast.linesearch import backtracking_linesearch
 from cdat_fast.polyak import polyak
@@ -50,6 +50,14 @@ class OptimizerConfig:
   ls_max_steps: int = 100
   polyak_max_lr: float = 1.0
   peer_max_lr: float = 100.0  # optax_backtracking's and optax_polyak's η_max
+  # The learning-rate-free peers' one knob (cdat_fast.harness.peers): the
+  # learning rate of schedule_free, dadapt, dog, dowg, momo (None: the
+  # published default), schedule_free's warm-up as a fraction of the steps,
+  # Prodigy's d_coef, GeN's refresh period Φ (its η₀ is learning_rate).
+  peer_lr: float | None = None
+  peer_warmup: float = 0.0
+  d_coef: float = 1.0
+  gen_every: int = 4
   hyper_beta: float = 1e-2
   curvature: str = "exact"
   every: int = 1
@@ -79,13 +87,22 @@ def validate(cfg: OptimizerConfig) -> None:
                      low_inclusive=False, allow_inf=True)
   checks.check_range("peer_max_lr", cfg.peer_max_lr, low=0.0,
                      low_inclusive=False, allow_inf=True)
-  if cfg.tuner in OWN_BASE and cfg.base != "gd":
-    raise ValueError(f"base must be gd for tuner {cfg.tuner} (it is its own"
-                     f" base optimizer), got {cfg.base!r}")
+  _validate_peer_knobs(cfg)
   checks.check_range("hyper_beta", cfg.hyper_beta, low=0.0, high=1.0)
   checks.check_int("every", cfg.every, low=1)
   from cdat_fast.cdat import CURVATURES
   checks.check_choice("curvature", cfg.curvature, CURVATURES)
+
+
+def _validate_peer_knobs(cfg: OptimizerConfig) -> None:
+  if cfg.peer_lr is not None:
+    checks.check_range("peer_lr", cfg.peer_lr, low=0.0, low_inclusive=False)
+  checks.check_range("peer_warmup", cfg.peer_warmup, low=0.0, high=1.0,
+                     high_inclusive=False)
+  checks.check_range("d_coef", cfg.d_coef, low=0.0, low_inclusive=False)
+  checks.check_int("gen_every", cfg.gen_every, low=1)
+  if cfg.tuner in PEERS:
+    check_base(cfg.tuner, cfg.base)
 
 
 def base_optimizer(name: str) -> optax.GradientTransformation:
@@ -173,11 +190,7 @@ def build_optimizer(cfg: OptimizerConfig, steps: int, *,
   if cfg.tuner == "polyak":
     return polyak(base, max_learning_rate=cfg.polyak_max_lr), None
   if cfg.tuner in PEERS:
-    return build_peer(
-        cfg.tuner, base, base_name=cfg.base, learning_rate=cfg.learning_rate,
-        max_learning_rate=cfg.peer_max_lr, slope_rtol=cfg.ls_c,
-        decrease_factor=cfg.ls_decrease_factor,
-        max_steps=cfg.ls_max_steps), None
+    return build_peer(cfg.tuner, base, cfg, steps), None
   if cfg.tuner == "hypergradient":
     return hypergradient(base, learning_rate=cfg.learning_rate,
                          beta=cfg.hyper_beta), None

@@ -18,6 +18,14 @@ Outputs in ``out_dir``: ``config.json``, ``metrics.jsonl`` (one line per log
 point or measurement), ``history.npz`` (per-step loss and learning rate), ``summary.json``
 (final loss = mean train loss over the last 5 iterates, as in the paper's
 appendix C.3) and ``training.png``.
+
+Schedule-Free (:data:`cdat_fast.harness.peers.AVERAGED`) takes its gradients
+at an interpolated point but is meant to be used at the average of its
+iterates: its logged training loss, test accuracy and returned parameters
+are at :func:`optax.contrib.schedule_free_eval_params` (the checkpoints keep
+the training state, from which that function gives them). GeN
+(:data:`cdat_fast.harness.peers.FRESH_BATCH`) fits its learning rate on the
+next minibatch of the chunk (the chunk's last step on its first).
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ from cdat_fast.harness.memory import check_fits
 from cdat_fast.harness.models import get_model, init_params
 from cdat_fast.harness.optimizers import ADAPTIVE, build_optimizer
 from cdat_fast.harness.optimizers import OptimizerConfig  # noqa: F401
+from cdat_fast.harness.peers import AVERAGED, FRESH_BATCH, eval_params
 from cdat_fast.tuned import TunedState
 
 
@@ -125,7 +134,18 @@ class Trainer:
   """Holds the compiled pieces of a run; :meth:`run` executes it."""
 
   def __init__(self, cfg: TrainConfig, dataset: Dataset | None = None, *,
-               spectrum=None):
+               spectrum=None, averaged_loss: bool = True):
+    """Builds the run's model, optimizer and compiled pieces.
+
+    Args:
+      cfg: the run.
+      dataset: the data, if already loaded.
+      spectrum: a :class:`~cdat_fast.harness.diagnostics.SpectrumMonitor`.
+      averaged_loss: for a tuner evaluated on averaged parameters
+        (Schedule-Free, :data:`~cdat_fast.harness.peers.AVERAGED`), log the
+        training loss there, one more forward pass a step; False logs it at
+        the iterate (to time the optimizer alone).
+    """
     cfg.validate()
     self.cfg = cfg
     # A cdat_fast.harness.diagnostics.SpectrumMonitor, or None.
@@ -142,6 +162,10 @@ class Trainer:
     self.optimizer, self.schedule = checked(lambda: build_optimizer(
         cfg.optimizer, cfg.steps, curvature_fraction=fraction))
     self.curvature_kwargs = self._curvature_objective()
+    tuner = cfg.optimizer.tuner
+    self._averaged = averaged_loss and tuner in AVERAGED
+    # GeN fits on a fresh minibatch: each step gets the next one as well.
+    self._fresh_batch = tuner in FRESH_BATCH and cfg.batch_size is not None
     self.mesh = None
     if cfg.mesh:
       from cdat_fast.sharding import make_mesh
@@ -201,14 +225,21 @@ class Trainer:
       return jnp.asarray(self.schedule(step), jnp.float32)
     return jnp.asarray(lr, jnp.float32)
 
-  def _step(self, carry, batch):
+  def eval_params(self, params, state):
+    """The parameters to evaluate and return: Schedule-Free's average."""
+    return eval_params(self.cfg.optimizer.tuner, state, params)
+
+  def _step(self, carry, batch, probe=None):
     params, state, prev_u, step = carry
     value, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+    loss = value
+    if self._averaged:  # the loss its users see: at the averaged parameters
+      loss = self.loss_fn(self.eval_params(params, state), batch)
     updates, state = self.optimizer.update(
-        grads, state, params, value=value, batch=batch,
-        **self.curvature_kwargs)
+        grads, state, params, value=value,
+        batch=batch if probe is None else probe, **self.curvature_kwargs)
     metrics = {
-        "loss": value.astype(jnp.float32),
+        "loss": loss.astype(jnp.float32),
         "learning_rate": self._learning_rate(state, step),
         "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
     }
@@ -229,6 +260,10 @@ class Trainer:
     if self.cfg.batch_size is None:
       return jax.lax.scan(lambda c, _: self._step(c, batch), carry, None,
                           length=length)
+    if self._fresh_batch:  # step i's probe: batch i + 1 (the last: the first)
+      probes = jax.tree.map(lambda x: jnp.roll(x, -1, axis=0), batch)
+      return jax.lax.scan(lambda c, xs: self._step(c, *xs), carry,
+                          (batch, probes), length=length)
     return jax.lax.scan(self._step, carry, batch, length=length)
 
   def _sharpness_impl(self, params, state, batch, init):
@@ -240,7 +275,8 @@ class Trainer:
     return sharpness(fn, params, preconditioner=precond,
                      num_iters=self.cfg.sharpness_iters, rtol=1e-3, init=init)
 
-  def _eval_impl(self, params, batch):
+  def _eval_impl(self, params, state, batch):
+    params = self.eval_params(params, state)
     logits = self.model.apply({"params": params}, batch["x"])
     return accuracy(logits, batch["y"])
 
@@ -341,7 +377,8 @@ class Trainer:
       bar.close()
     summary, hist = self._summary(run, time.perf_counter() - t0)
     writer.finish(summary, hist, run.records)
-    return RunResult(summary, run.records, hist, run.carry[0])
+    return RunResult(summary, run.records, hist,
+                     self.eval_params(run.carry[0], run.carry[1]))
 
   # -- the pieces of a run ---------------------------------------------------
 
@@ -469,7 +506,8 @@ class Trainer:
     record = {"step": run.done}
     record.update({k: float(v[-1]) for k, v in metrics.items()})
     if data.test is not None and logged:
-      record["test_accuracy"] = float(self._eval(run.carry[0], data.test))
+      record["test_accuracy"] = float(self._eval(run.carry[0], run.carry[1],
+                                                 data.test))
     if cfg.sharpness_every and (_crossed(run.done, length, cfg.sharpness_every)
                                 or run.done == length):
       lam, run.eigvec = self._sharpness(run.carry[0], run.carry[1], data.probe,
