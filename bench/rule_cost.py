@@ -89,7 +89,7 @@ def variant_step(problem, name):
 
 
 def measure(problem, variants, rounds, chunk):
-  """``{variant: (median time ratio, FLOP ratio, bytes ratio, gd ms)}``."""
+  """``{variant: (time ratio quartiles, FLOP ratio, bytes ratio, gd ms)}``."""
   runs = {}
   for name in ("gd", *variants):
     init, step = variant_step(problem, name)
@@ -118,7 +118,7 @@ def measure(problem, variants, rounds, chunk):
       ratios[name].append(chunk_time(name) / base)
       runs["gd"]["times"].append(base)
   gd = runs["gd"]
-  return {name: (statistics.median(ratios[name]),
+  return {name: (statistics.quantiles(ratios[name], n=4),
                  runs[name]["flops"] / gd["flops"],
                  runs[name]["bytes"] / gd["bytes"],
                  1e3 * statistics.median(gd["times"])) for name in variants}
@@ -135,13 +135,13 @@ def main(argv=None):
   variants = [v for v in args.variants.split(",") if v]
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; median over"
         f" {args.rounds} rounds of {args.chunk} steps, each beside a gd chunk")
-  print("| problem | variant | time / gd | FLOPs / gd | bytes / gd |"
-        " gd ms/step |\n|---|---|---|---|---|---|")
+  print("| problem | variant | time / gd (quartiles) | FLOPs / gd |"
+        " bytes / gd | gd ms/step |\n|---|---|---|---|---|---|")
   for problem in bench_curvature.make_problems(args.models.split(",")):
     for name, (t, f, b, ms) in measure(problem, variants, args.rounds,
                                        args.chunk).items():
-      print(f"| {problem.name} | {name} | {t:.3f} | {f:.3f} | {b:.3f} |"
-            f" {ms:.2f} |", flush=True)
+      print(f"| {problem.name} | {name} | {t[1]:.3f} ({t[0]:.2f}–{t[2]:.2f})"
+            f" | {f:.3f} | {b:.3f} | {ms:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
