@@ -37,6 +37,8 @@ References:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -44,13 +46,11 @@ import jax.numpy as jnp
 import optax
 
 from cdat_fast import checks, estimators, treemath
-from cdat_fast.estimators.every import check_arguments
-from cdat_fast.estimators.secant import check_ema
+from cdat_fast.estimators.every import check_count
 from cdat_fast.estimators.interface import CurvatureEstimator, Objective
 from cdat_fast.tuned import apply_learning_rate, scalar_dtype, tuned
 
-CURVATURES = ("exact", "secant", "gauss_newton")
-
+CURVATURES = ("exact", "gauss_newton", "secant", "finite_difference")
 
 # Leaves of u at least this large (1 MiB in float32) are materialised once
 # (scale_by_cdat). Smaller leaves save little and cost a kernel each when
@@ -85,56 +85,116 @@ class CDATState(NamedTuple):
   estimator: Any  # the curvature estimator's state
 
 
+# The keywords that scale_by_cdat and cdat no longer take: each belongs to an
+# estimator, given as ``curvature=``.
+_REMOVED = {
+    "every": "estimators.every({v})",
+    "refresh_steps": "estimators.every(k, refresh_steps={v})",
+    "max_growth": "estimators.every(k, max_growth={v})",
+    "secant_guard": "estimators.every(k, secant_guard={v})",
+    "refresh_tol": "estimators.every(k, refresh_tol={v})",
+    "curvature_ema": "estimators.secant(ema={v})",
+}
+
+
+def _named(curvature: str, fraction, options: dict) -> CurvatureEstimator:
+  """The estimator ``curvature`` names, on a sub-batch if ``fraction``."""
+  if curvature == "secant":
+    fallback = None if fraction is None else estimators.subbatch(fraction)
+    return estimators.secant(**options, fallback=fallback)
+  inner = getattr(estimators, curvature)(**options)
+  return inner if fraction is None else estimators.subbatch(fraction, inner)
+
+
 def make_estimator(
     curvature: str | CurvatureEstimator = "exact",
     every: int | jax.typing.ArrayLike | None = None,
     *,
-    refresh_steps: int = 2,
-    max_growth: jax.typing.ArrayLike = 2.0,
-    secant_guard: jax.typing.ArrayLike = 0.9,
-    refresh_tol: jax.typing.ArrayLike = 1.0,
-    curvature_ema: jax.typing.ArrayLike = 0.9,
+    fraction: float | None = None,
+    **options: Any,
 ) -> CurvatureEstimator:
-  """The estimator that ``cdat(..., curvature=, every=, ...)`` names.
+  """The one factory of curvature estimators by name.
 
-  ``curvature`` is ``"exact"``, ``"gauss_newton"``, ``"secant"`` or an
-  estimator object; ``every=k > 1`` wraps it in
-  :func:`~cdat_fast.estimators.every` with the safeguard arguments. Every
-  argument is checked, whether or not the estimator uses it.
+  ``cdat(..., curvature=name, every=k)``, the training harness
+  (``--curvature``, ``--every``, ``--curvature-batch``) and the benchmarks
+  build their estimators here.
+
+  Args:
+    curvature: ``"exact"`` (:func:`~cdat_fast.estimators.exact`),
+      ``"gauss_newton"``, ``"secant"``, ``"finite_difference"``, or an
+      estimator object.
+    every: ``k ≥ 1`` (a Python int, or an integer scalar array under
+      ``optax.inject_hyperparams``): measure only every ``k`` steps,
+      :func:`~cdat_fast.estimators.every` with its default safeguards
+      (``estimators.every(k, inner, ...)`` sets them). ``None`` or 1: every
+      step. Not with ``"secant"``, already free every step.
+    fraction: ``1/m``: measure on every ``m``-th row of the batch
+      (:func:`~cdat_fast.estimators.subbatch`); for ``"secant"``, its
+      fallback measures there.
+    **options: passed to the named estimator's constructor, e.g.
+      ``make_estimator("finite_difference", fraction=1/16, step=1e-3)`` or
+      ``make_estimator("secant", ema=0.5)``; not with an estimator object.
+
+  Returns:
+    A :class:`~cdat_fast.estimators.CurvatureEstimator`.
+
+  Raises:
+    ValueError: naming ``curvature``, ``every`` or ``fraction`` when bad.
+    TypeError: an option the named estimator does not take.
   """
-  if not isinstance(curvature, CurvatureEstimator):
+  if isinstance(curvature, CurvatureEstimator):
+    if options:
+      raise TypeError(
+          f"make_estimator: options {sorted(options)} need a curvature name;"
+          " give them to the estimator's constructor instead")
+  else:
     checks.check_choice("curvature", curvature, CURVATURES)
-  check_arguments(every, refresh_steps, max_growth, secant_guard, refresh_tol)
-  check_ema(curvature_ema)
+  if every is not None:
+    check_count("every", every)
   every_step = every is None or (isinstance(every, int) and every == 1)
-  if curvature == "secant":
-    if checks.concrete_float(1 if every is None else every) not in (None, 1.0):
-      raise ValueError(
-          "every must be 1 (or None) with curvature='secant': the secant"
-          f" estimate is already free every step, got every={every!r}")
-    return estimators.secant(curvature_ema)
-  inner = {"exact": estimators.exact,
-           "gauss_newton": estimators.gauss_newton}.get(curvature)
-  inner = curvature if inner is None else inner()
-  if every_step:
-    return inner
-  return estimators.every(
-      every, inner, refresh_steps=refresh_steps, max_growth=max_growth,
-      secant_guard=secant_guard, refresh_tol=refresh_tol)
+  if curvature == "secant" and not every_step:
+    raise ValueError(
+        "every must be 1 (or None) with curvature='secant': the secant"
+        f" estimate is already free every step, got every={every!r}")
+  if isinstance(curvature, CurvatureEstimator):
+    inner = (curvature if fraction is None
+             else estimators.subbatch(fraction, curvature))
+  else:
+    inner = _named(curvature, fraction, options)
+  return inner if every_step else estimators.every(every, inner)
 
 
+def _reject_removed(fn):
+  """``fn`` raising a TypeError that names a removed keyword and its place.
+
+  The keywords of ``_REMOVED`` that ``fn`` does not take belong to an
+  estimator; the error says which one to give as ``curvature=``.
+  """
+  removed = [name for name in _REMOVED
+             if name not in inspect.signature(fn).parameters]
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    for name in removed:
+      if name in kwargs:
+        value = repr(kwargs[name])
+        shorthand = f" (or cdat(..., every={value}))" if name == "every" else ""
+        raise TypeError(
+            f"{fn.__name__}({name}={value}): give curvature="
+            f"{_REMOVED[name].format(v=value)}{shorthand}; {name} belongs to"
+            " the curvature estimator (cdat_fast.estimators)")
+    return fn(*args, **kwargs)
+
+  return wrapper
+
+
+@_reject_removed
 def scale_by_cdat(
     *,
     scale: jax.typing.ArrayLike = 2.0,
     ema: jax.typing.ArrayLike = 0.0,
     eps: jax.typing.ArrayLike = 0.0,
     curvature: str | CurvatureEstimator = "exact",
-    every: int | jax.typing.ArrayLike | None = None,
-    refresh_steps: int = 2,
-    max_growth: jax.typing.ArrayLike = 2.0,
-    secant_guard: jax.typing.ArrayLike = 0.9,
-    refresh_tol: jax.typing.ArrayLike = 1.0,
-    curvature_ema: jax.typing.ArrayLike = 0.9,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Chainable CDAT: scales the incoming direction ``u`` by ``η = σ ñ / d̃``.
 
@@ -154,15 +214,11 @@ def scale_by_cdat(
     scale: ``σ > 0``; 1 is quadratically greedy, 2 is on edge.
     ema: ``β ∈ [0, 1)``, averaging of numerator and denominator.
     eps: ``ε ≥ 0`` added to the absolute curvature.
-    curvature: a :class:`~cdat_fast.estimators.CurvatureEstimator`, or a name
-      for :func:`make_estimator`: ``"exact"`` (default), ``"gauss_newton"``
-      or ``"secant"``.
-    every: measure the curvature every ``every`` updates (see :func:`cdat`).
-    refresh_steps: see :func:`cdat`.
-    max_growth: see :func:`cdat`.
-    secant_guard: see :func:`cdat`.
-    refresh_tol: see :func:`cdat`.
-    curvature_ema: see :func:`cdat`.
+    curvature: a :class:`~cdat_fast.estimators.CurvatureEstimator` (its
+      knobs with it: ``estimators.every(4, refresh_steps=1)``,
+      ``estimators.secant(ema=0.5)``), or a name for
+      :func:`make_estimator`: ``"exact"`` (default), ``"gauss_newton"``,
+      ``"secant"`` or ``"finite_difference"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a
@@ -171,10 +227,7 @@ def scale_by_cdat(
   checks.check_range("scale", scale, low=0.0, low_inclusive=False)
   checks.check_range("ema", ema, low=0.0, high=1.0, high_inclusive=False)
   checks.check_range("eps", eps, low=0.0)
-  estimator = make_estimator(
-      curvature, every, refresh_steps=refresh_steps, max_growth=max_growth,
-      secant_guard=secant_guard, refresh_tol=refresh_tol,
-      curvature_ema=curvature_ema)
+  estimator = make_estimator(curvature)
 
   def init_fn(params):
     dtype = scalar_dtype(params)
@@ -229,6 +282,7 @@ def scale_by_cdat(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@_reject_removed
 def cdat(
     base: optax.GradientTransformation,
     *,
@@ -237,11 +291,6 @@ def cdat(
     eps: jax.typing.ArrayLike = 0.0,
     curvature: str | CurvatureEstimator = "exact",
     every: int | jax.typing.ArrayLike | None = None,
-    refresh_steps: int = 2,
-    max_growth: jax.typing.ArrayLike = 2.0,
-    secant_guard: jax.typing.ArrayLike = 0.9,
-    refresh_tol: jax.typing.ArrayLike = 1.0,
-    curvature_ema: jax.typing.ArrayLike = 0.9,
 ) -> optax.GradientTransformationExtraArgs:
   r"""CDAT on top of any base optimizer: ``w ← w + η_t u_t``, ``η_t = σ ñ_t / d̃_t``.
 
@@ -269,9 +318,15 @@ def cdat(
     outputs) and ``loss_fn=`` (outputs to a scalar) instead of ``value_fn``.
   * ``"secant"`` (experimental): from the loss change along the previous
     step; pass ``value=`` (free from ``jax.value_and_grad``).
+  * ``"finite_difference"`` (experimental): loss values alone, through
+    layers without forward mode (:mod:`cdat_fast.estimators.finite_difference`).
   * ``every=k`` (experimental): the curvature (exact, Gauss–Newton or any
     estimator given) only every ``k`` steps, under ``jax.lax.cond``, held
-    between with the safeguards of :mod:`cdat_fast.estimators.every`.
+    between with the default safeguards of :mod:`cdat_fast.estimators.every`;
+    a shorthand for ``curvature=estimators.every(k, inner)``, which sets the
+    safeguards (``refresh_steps``, ``max_growth``, ``secant_guard``,
+    ``refresh_tol``). The secant's averaging is
+    ``curvature=estimators.secant(ema=...)``.
 
   Args:
     base: the direction, an optax transformation with learning rate 1:
@@ -282,17 +337,12 @@ def cdat(
     ema: ``β ∈ [0, 1)``; the paper uses 0.9 or 0.99 with Adam and in minibatch.
     eps: ``ε ≥ 0`` added to the absolute curvature.
     curvature: an estimator, or ``"exact"`` (default), ``"gauss_newton"``,
-      ``"secant"``.
+      ``"secant"``, ``"finite_difference"`` (:func:`make_estimator`).
     every: measure the curvature every ``every`` steps (a Python int ≥ 1;
-      ``None``, the default, means 1). With ``optax.inject_hyperparams`` an
-      explicit ``every`` becomes a traced integer, which works (the period
-      is then dynamic) but always compiles the ``cond``; list it in
-      ``static_args`` to keep it static.
-    refresh_steps: measurements per refresh (``every > 1``), safeguard 1.
-    max_growth: ``γ ≥ 1`` or ``inf`` (``every > 1``), safeguard 2.
-    secant_guard: ``ρ ≥ 0`` (``every > 1``), safeguard 3.
-    refresh_tol: ``τ ≥ 0`` or ``inf`` (``every > 1``), safeguard 4.
-    curvature_ema: ``β_κ ∈ [0, 1)``, averaging of the secant estimates.
+      ``None``, the default, means 1), with the default safeguards. With
+      ``optax.inject_hyperparams`` an explicit ``every`` becomes a traced
+      integer, which works (the period is then dynamic) but always compiles
+      the ``cond``; list it in ``static_args`` to keep it static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
@@ -329,10 +379,8 @@ def cdat(
     Tuners", NeurIPS 2024, eq. 8.
   """
   return tuned(base, scale_by_cdat(
-      scale=scale, ema=ema, eps=eps, curvature=curvature, every=every,
-      refresh_steps=refresh_steps, max_growth=max_growth,
-      secant_guard=secant_guard, refresh_tol=refresh_tol,
-      curvature_ema=curvature_ema))
+      scale=scale, ema=ema, eps=eps,
+      curvature=make_estimator(curvature, every)))
 
 
 def quadratic_greedy(base: optax.GradientTransformation,

@@ -11,6 +11,8 @@ import optax
 import pytest
 
 import cdat_fast
+from cdat_fast import estimators
+from cdat_fast.cdat import make_estimator
 from cdat_fast.estimators.interface import first_order_slope
 from problems import flat, random_quadratic, step_fn, tiny_mlp, tiny_net
 
@@ -22,8 +24,9 @@ INF = float("inf")
 
 MODES = {
     "every3": dict(every=3),
-    "every3_naive": dict(every=3, refresh_steps=1, max_growth=INF,
-                         secant_guard=0.0, refresh_tol=INF),
+    "every3_naive": dict(curvature=estimators.every(
+        3, refresh_steps=1, max_growth=INF, secant_guard=0.0,
+        refresh_tol=INF)),
     "secant": dict(curvature="secant"),
     "gauss_newton": dict(curvature="gauss_newton"),
     "gauss_newton_every3": dict(curvature="gauss_newton", every=3),
@@ -53,8 +56,7 @@ def test_compiles_once_and_keeps_dtypes(mode):
   assert optax.tree.get(state, "learning_rate").dtype == jnp.float32
   # Only the estimators that hold a curvature between steps keep one.
   held = optax.tree.get(state, "curvature")
-  assert (held is None) == (MODES[mode].get("every") is None
-                            and MODES[mode].get("curvature") != "secant")
+  assert (held is None) == (mode == "gauss_newton")
   if held is not None:
     assert held.dtype == jnp.float32
   assert all(t.dtype == jnp.bfloat16 for t in jax.tree.leaves(params))
@@ -111,13 +113,12 @@ def test_zero_direction_and_linear_objective_are_safe(mode):
 def test_inject_hyperparams_traced_numbers(mode):
   loss, params, _ = tiny_mlp(seed=8)
   factory = optax.inject_hyperparams(cdat_fast.cdat, static_args=("every",))
-  opt = factory(base=optax.sgd(1.0), scale=2.0, max_growth=2.0,
-                refresh_tol=1.0, curvature_ema=0.9, **MODES[mode])
+  opt = factory(base=optax.sgd(1.0), scale=2.0, ema=0.9, **MODES[mode])
   step, traces = step_fn(opt, loss, value_fn=loss)
   state = opt.init(params)
   p1, s1 = step(params, state)
   s1.hyperparams["scale"] = jnp.asarray(1.0, jnp.float32)
-  s1.hyperparams["curvature_ema"] = jnp.asarray(0.5, jnp.float32)
+  s1.hyperparams["ema"] = jnp.asarray(0.5, jnp.float32)
   p2, s2 = step(p1, s1)
   assert len(traces) == 1
   assert np.isfinite(float(optax.tree.get(s2.inner_state, "learning_rate")))
@@ -127,8 +128,11 @@ def test_inject_hyperparams_dynamic_every():
   # Without static_args, inject_hyperparams turns every=4 into a traced
   # integer: the refresh period is then a runtime value.
   f, _, _ = random_quadratic(5)
-  opt = optax.inject_hyperparams(cdat_fast.cdat)(
-      base=optax.sgd(1.0), scale=0.5, every=4, refresh_tol=INF)
+  def factory(base, scale, every):
+    return cdat_fast.cdat(base, scale=scale, curvature=estimators.every(
+        every, refresh_tol=INF))
+  opt = optax.inject_hyperparams(factory)(
+      base=optax.sgd(1.0), scale=0.5, every=4)
   step, traces = step_fn(opt, f, value_fn=f)
   w = jnp.ones(5)
   state = opt.init(w)
@@ -146,10 +150,10 @@ def test_inside_chain_with_value_and_grad():
   loss, params, _ = tiny_mlp(seed=9)
   g = jax.grad(loss)(params)
   for kw in MODES.values():
-    kw = {k: v for k, v in kw.items()}
     gn = kw.get("curvature") == "gauss_newton"
+    curvature = make_estimator(kw.get("curvature", "exact"), kw.get("every"))
     chain = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1.0),
-                        cdat_fast.scale_by_cdat(**kw))
+                        cdat_fast.scale_by_cdat(curvature=curvature))
     obj = (dict(model_fn=lambda p: p, loss_fn=loss) if gn
            else dict(value_fn=loss))
     for extra in (dict(grad=g, value=loss(params)), {}):
@@ -163,22 +167,83 @@ def test_inside_chain_with_value_and_grad():
     (dict(curvature="hutchinson"), "curvature"),
     (dict(every=0), "every"), (dict(every=2.5), "every"),
     (dict(every=True), "every"), (dict(every="10"), "every"),
+])
+def test_bad_arguments_name_the_argument(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    cdat_fast.cdat(optax.sgd(1.0), **kwargs)
+  with pytest.raises(ValueError, match=name):
+    cdat_fast.on_edge(optax.sgd(1.0), **kwargs)
+  with pytest.raises(ValueError, match=name):
+    make_estimator(**kwargs)
+  if "every" not in kwargs:
+    with pytest.raises(ValueError, match=name):
+      cdat_fast.scale_by_cdat(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
     (dict(refresh_steps=0), "refresh_steps"),
     (dict(max_growth=0.5), "max_growth"),
     (dict(max_growth=float("nan")), "max_growth"),
     (dict(secant_guard=-0.5), "secant_guard"),
     (dict(secant_guard=INF), "secant_guard"),
     (dict(refresh_tol=-1.0), "refresh_tol"),
-    (dict(curvature_ema=1.0), "curvature_ema"),
-    (dict(curvature_ema=-0.1), "curvature_ema"),
 ])
-def test_bad_arguments_name_the_argument(kwargs, name):
+def test_bad_safeguards_name_the_argument(kwargs, name):
   with pytest.raises(ValueError, match=name):
-    cdat_fast.cdat(optax.sgd(1.0), **kwargs)
-  with pytest.raises(ValueError, match=name):
-    cdat_fast.scale_by_cdat(**kwargs)
-  with pytest.raises(ValueError, match=name):
-    cdat_fast.on_edge(optax.sgd(1.0), **kwargs)
+    estimators.every(3, **kwargs)
+
+
+@pytest.mark.parametrize("ema", [1.0, -0.1])
+def test_bad_secant_average_names_the_argument(ema):
+  with pytest.raises(ValueError, match="ema"):
+    estimators.secant(ema)
+  with pytest.raises(ValueError, match="ema"):
+    make_estimator("secant", ema=ema)
+
+
+@pytest.mark.parametrize("who, kwargs, instead", [
+    ("scale_by_cdat", dict(every=4),
+     "curvature=estimators.every(4) (or cdat(..., every=4))"),
+    ("scale_by_cdat", dict(refresh_steps=1),
+     "curvature=estimators.every(k, refresh_steps=1)"),
+    ("scale_by_cdat", dict(curvature_ema=0.5),
+     "curvature=estimators.secant(ema=0.5)"),
+    ("cdat", dict(max_growth=INF), "curvature=estimators.every(k, max_growth"),
+    ("cdat", dict(secant_guard=0.0),
+     "curvature=estimators.every(k, secant_guard=0.0)"),
+    ("on_edge", dict(refresh_tol=INF),
+     "curvature=estimators.every(k, refresh_tol"),
+])
+def test_removed_keywords_say_what_to_write_instead(who, kwargs, instead):
+  build = getattr(cdat_fast, who)
+  args = () if who == "scale_by_cdat" else (optax.sgd(1.0),)
+  with pytest.raises(TypeError) as e:
+    build(*args, **kwargs)
+  (name,) = kwargs
+  assert f"({name}=" in str(e.value)
+  assert instead in str(e.value)
+
+
+def test_make_estimator_builds_the_names_of_the_harness_and_bench():
+  f, _, _ = random_quadratic(4, dim=4)
+  x = jnp.arange(32.0).reshape(16, 2)
+  value_fn = lambda w, batch: f(w) + 0.0 * jnp.sum(batch)
+  w = jnp.ones(4)
+  for curvature, kw in [
+      ("exact", {}), ("finite_difference", dict(step=1e-2)),
+      ("exact", dict(fraction=1 / 4)), ("exact", dict(every=3)),
+      ("finite_difference", dict(fraction=1 / 4)),
+      ("secant", dict(fraction=1 / 4)), ("secant", dict(ema=0.5)),
+      (estimators.exact(), dict(fraction=1 / 2, every=2))]:
+    opt = cdat_fast.cdat(optax.sgd(1.0), curvature=make_estimator(
+        curvature, **kw))
+    updates, state = opt.update(jax.grad(f)(w), opt.init(w), w,
+                                value_fn=value_fn, batch=x)
+    assert float(optax.tree.get(state, "learning_rate")) > 0, (curvature, kw)
+  with pytest.raises(TypeError, match="options"):
+    make_estimator(estimators.exact(), step=1e-3)
+  with pytest.raises(ValueError, match="every"):
+    make_estimator("secant", 3)
 
 
 def test_missing_value_fn_is_named_in_every_mode():

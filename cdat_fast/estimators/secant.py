@@ -88,8 +88,8 @@ def secant_curvature(
 
 
 def check_ema(ema) -> None:
-  """Raises ValueError naming ``curvature_ema`` unless it is in [0, 1)."""
-  checks.check_range("curvature_ema", ema, low=0.0, high=1.0,
+  """Raises ValueError naming ``ema`` unless it is in [0, 1)."""
+  checks.check_range("ema", ema, low=0.0, high=1.0,
                      high_inclusive=False)
 
 

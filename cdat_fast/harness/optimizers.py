@@ -16,7 +16,6 @@ from typing import Callable
 import optax
 
 from cdat_fast import checks
-from cdat_fast import estimators
 from cdat_fast.cdat import cdat, make_estimator
 from cdat_fast.harness.peers import PEERS, build_peer, check_base
 from cdat_fast.hypergradient import hypergradient
@@ -149,17 +148,11 @@ def curvature_estimator(cfg: OptimizerConfig,
                         fraction: float | None = None):
   """CDAT's curvature as the config names it, on a sub-batch if ``fraction``.
 
-  With ``fraction`` the named curvature (exact or Gauss–Newton) is measured
-  by :func:`cdat_fast.estimators.subbatch`; ``every > 1`` wraps that, and the
-  secant estimate falls back to it.
+  :func:`cdat_fast.cdat.make_estimator`: with ``fraction`` the named
+  curvature is measured by :func:`cdat_fast.estimators.subbatch`; ``every >
+  1`` wraps that, and the secant estimate falls back to it.
   """
-  if fraction is None:
-    return make_estimator(cfg.curvature, cfg.every)
-  if cfg.curvature == "secant":
-    return estimators.secant(fallback=estimators.subbatch(fraction))
-  inner = (estimators.gauss_newton() if cfg.curvature == "gauss_newton"
-           else estimators.exact())
-  return make_estimator(estimators.subbatch(fraction, inner), cfg.every)
+  return make_estimator(cfg.curvature, cfg.every, fraction=fraction)
 
 
 def build_optimizer(cfg: OptimizerConfig, steps: int, *,

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 import cdat_fast
+from cdat_fast import estimators
 from problems import digits_mlp, final_losses, flat, step_fn, tiny_mlp
 
 INF = float("inf")
@@ -55,7 +56,8 @@ def test_held_steps_skip_the_jvp_at_run_time():
     jax.debug.callback(lambda: calls.append(1))
     return 0.5 * jnp.sum(weights * w ** 2)
 
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=1.0, every=5, refresh_tol=INF)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=1.0,
+                       curvature=estimators.every(5, refresh_tol=INF))
   step, traces = step_fn(opt, lambda w: 0.5 * jnp.sum(weights * w ** 2),
                           value_fn=counted)
   w, state = jnp.ones(3), opt.init(jnp.ones(3))
@@ -76,8 +78,8 @@ def test_held_curvature_is_the_harmonic_mean_of_the_refresh_measurements():
   """
   a = np.diag([1.0, 10.0])
   f = lambda w: 0.5 * (w[0] ** 2 + 10.0 * w[1] ** 2)
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=2.0, every=10, refresh_tol=INF,
-                       secant_guard=0.0, max_growth=INF)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=2.0, curvature=estimators.every(
+      10, refresh_tol=INF, secant_guard=0.0, max_growth=INF))
   w = jnp.asarray([10.0, 0.3], jnp.float32)
   state = opt.init(w)
   kappas = []
@@ -107,7 +109,8 @@ def test_early_refresh_when_the_curvature_jumps(safeguard):
   # The objective stiffens 10x at step 3; the held curvature is then 10x
   # too small and the loss rises far beyond the held model.
   kw = {} if safeguard else dict(refresh_tol=INF, secant_guard=0.0)
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=1.0, every=50, **kw)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=1.0,
+                       curvature=estimators.every(50, **kw))
   w = jnp.asarray([1.0, -1.0])
   state = opt.init(w)
   for t in range(6):
@@ -129,8 +132,8 @@ def test_early_refresh_when_the_curvature_jumps(safeguard):
 def test_max_growth_bounds_the_fall_of_the_curvature(max_growth, expect):
   # Curvature 1 at the first refresh, 0.01 at the second: with γ = 2 the
   # measured steps and the new held κ use κ_held/γ = 0.5, not 0.01.
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=0.1, every=4, refresh_tol=INF,
-                       max_growth=max_growth)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=0.1, curvature=estimators.every(
+      4, refresh_tol=INF, max_growth=max_growth))
   w = jnp.asarray([1.0, 1.0])
   state = opt.init(w)
   f = lambda w, s: 0.5 * s * jnp.sum(w ** 2)
@@ -162,14 +165,14 @@ def test_every_10_safeguards_keep_it_stable_at_the_edge():
   init, loss = digits_mlp()
   seeds, steps = 16, 400
 
-  def final(**kw):
-    return final_losses(cdat_fast.cdat(optax.sgd(1.0), **kw), init, loss,
-                         seeds, steps)
+  def final(curvature="exact"):
+    return final_losses(cdat_fast.cdat(optax.sgd(1.0), curvature=curvature),
+                        init, loss, seeds, steps)
 
   exact = final()
-  naive = final(every=10, **NAIVE)
-  safe = final(every=10)
-  unguarded = final(every=10, secant_guard=0.0)
+  naive = final(estimators.every(10, **NAIVE))
+  safe = final(estimators.every(10))
+  unguarded = final(estimators.every(10, secant_guard=0.0))
   assert np.all(np.isfinite(exact))
   # Naive: diverged (inf loss, or orders of magnitude above) on most seeds.
   assert np.mean(~np.isfinite(naive) | (naive > 100 * exact)) > 0.5, naive

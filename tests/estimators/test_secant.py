@@ -30,8 +30,8 @@ def test_secant_formula_is_exact_on_a_quadratic():
 
 def test_secant_estimates_the_previous_directions_curvature():
   f, a, w_star = random_quadratic(2)
-  opt = cdat_fast.cdat(optax.sgd(1.0), scale=0.5, curvature="secant",
-                       curvature_ema=0.0)
+  opt = cdat_fast.cdat(optax.sgd(1.0), scale=0.5,
+                       curvature=cdat_fast.estimators.secant(ema=0.0))
   step, _ = step_fn(opt, f, value_fn=f)
   w = jnp.asarray(np.random.RandomState(1).randn(5), jnp.float32)
   state = opt.init(w)
