@@ -23,7 +23,8 @@ loss change between consecutive steps, which in minibatch is also the change
 of batch; this measures what they do there.
 
 The final loss is the full-data loss at the final parameters, as a ratio to
-exact CDAT's, per initialisation, and its geometric mean; time per step is the median over interleaved chunks of steps, as a
+exact CDAT's, per initialisation, and its geometric mean; time per step is
+the median over interleaved chunks of steps (``common.side_by_side``), as a
 ratio to ``gd``; "jvp steps" is the fraction of steps that ran the
 curvature jvp. Run::
 
@@ -33,14 +34,16 @@ curvature jvp. Run::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import jax
 import numpy as np
 
-from bench_curvature import jvp_steps, make_problems, make_variant
+# pylint: disable=g-bad-import-order
+from bench_curvature import jvp_steps, make_variant
+from common import gmean, markdown_table, side_by_side
+from problems import make_problems, minibatches
 
 INF = float("inf")
 # name -> (the bench_curvature variant it builds on, cdat keyword arguments
@@ -58,13 +61,22 @@ VARIANTS = {
 }
 
 
+def _trainer(fn, params, state, batches, chunk):
+  """A callable training the next ``chunk`` of ``batches`` from its carry."""
+  def run():
+    p, s = run.carry
+    for b in batches[run.done:run.done + chunk]:
+      p, s, _ = fn(p, s, b)
+    jax.block_until_ready(p)
+    run.carry, run.done = (p, s), run.done + chunk
+  run.carry, run.done = (params, state), 0
+  return run
+
+
 def run(problem, variants, seed, steps, chunk, fraction=8):
-  """Every variant on the same minibatches; (final loss, times, jvp share)."""
+  """Every variant on the same minibatches; (final loss, time, jvp share)."""
   n = jax.tree.leaves(problem.batch)[0].shape[0]
-  size = max(1, n // fraction)
-  rng = np.random.default_rng(seed)
-  order = np.concatenate([rng.permutation(n) for _ in range(
-      -(-steps * size // n))])[: steps * size].reshape(steps, size)
+  order = minibatches(n, max(1, n // fraction), steps, seed)
   batches = [jax.tree.map(lambda v, i=i: v[i], problem.batch) for i in order]
   full = jax.jit(problem.loss)
   runs = {}
@@ -72,29 +84,36 @@ def run(problem, variants, seed, steps, chunk, fraction=8):
     base, extra = VARIANTS[name]
     init, step = make_variant(problem, base, ema=0.9, extra=extra)
     state = init(problem.params)
-    runs[name] = dict(fn=jax.jit(step).lower(
-        problem.params, state, batches[0]).compile(), p=problem.params,
-                      s=state, times=[])
-  for start in range(0, steps, chunk):
-    for name in variants:
-      r = runs[name]
-      p, s = r["p"], r["s"]
-      t = time.perf_counter()
-      for b in batches[start:start + chunk]:
-        p, s, _ = r["fn"](p, s, b)
-      jax.block_until_ready(p)
-      r["times"].append((time.perf_counter() - t) / chunk)
-      r["p"], r["s"] = p, s
-      if start + chunk >= steps:  # the full-data loss at the end
-        r["final"] = float(full(p, problem.batch))
+    fn = jax.jit(step).lower(problem.params, state, batches[0]).compile()
+    runs[name] = _trainer(fn, problem.params, state, batches, chunk)
+  timings = side_by_side(runs, base="gd", rounds=-(-steps // chunk),
+                         warmup=0)
   out = {}
   for name in variants:
-    r = runs[name]
-    count = jvp_steps(r["s"], steps)
-    jvp = None if count is None else count / steps
-    out[name] = (r["final"], statistics.median(r["times"]),
-                 jvp)
+    p, s = runs[name].carry
+    count = jvp_steps(s, steps)
+    out[name] = (float(full(p, problem.batch)), timings[name].median / chunk,
+                 None if count is None else count / steps)
   return out
+
+
+def table(variants, loss, speed, jvp) -> str:
+  """Markdown: loss / exact per model and init, gmean, max, time, jvp share."""
+  models = list(dict.fromkeys(m for m, _ in loss))
+  head = (["variant"] + [f"{m}: loss/exact" for m in models]
+          + ["gmean", "max", "time/gd " + " ".join(models), "jvp steps"])
+  rows = []
+  for name in variants:
+    if name == "gd":
+      continue
+    ratios = [r for m in models for r in loss[(m, name)]]
+    cells = [" ".join(f"{r:.2f}" for r in loss[(m, name)]) for m in models]
+    times = " ".join(f"{np.median(speed[(m, name)]):.2f}" for m in models)
+    shares = [s for m in models for s in jvp[(m, name)]]
+    share = "-" if None in shares else f"{100 * np.mean(shares):.0f}%"
+    rows.append([name] + cells + [f"{gmean(ratios):.2f}",
+                                  f"{max(ratios):.2f}", times, share])
+  return markdown_table(head, rows)
 
 
 def main(argv=None):
@@ -125,21 +144,7 @@ def main(argv=None):
       print(f"  {problem.name} init {seed}: " + ", ".join(
           f"{n} {loss[(problem.name, n)][-1]:.2f}" for n in variants
           if n != "gd"), file=sys.stderr)
-  models = list(dict.fromkeys(m for m, _ in loss))
-  print("| variant | " + " | ".join(f"{m}: loss/exact" for m in models) +
-        " | gmean | max | time/gd " + " ".join(models) + " | jvp steps |")
-  print("|---|" + "---|" * (len(models) + 4))
-  for name in variants:
-    if name == "gd":
-      continue
-    ratios = [r for m in models for r in loss[(m, name)]]
-    cells = [" ".join(f"{r:.2f}" for r in loss[(m, name)]) for m in models]
-    times = " ".join(f"{np.median(speed[(m, name)]):.2f}" for m in models)
-    shares = [s for m in models for s in jvp[(m, name)]]
-    share = "-" if None in shares else f"{100 * np.mean(shares):.0f}%"
-    print(f"| {name} | " + " | ".join(cells) +
-          f" | {np.exp(np.mean(np.log(ratios))):.2f} | {max(ratios):.2f} |"
-          f" {times} | {share} |")
+  print(table(variants, loss, speed, jvp))
   print(f"\n(total {time.perf_counter() - t0:.0f}s)")
 
 

@@ -1,10 +1,10 @@
 """What CDAT's rule and the sub-batch modes cost over the base step.
 
 For each problem of ``bench_curvature.py`` it compiles the ``gd`` step and
-each variant, then times them in rounds: a round runs ``gd`` for ``--chunk``
-steps, then one variant, then ``gd`` again, … (each variant beside its own
-``gd`` chunk, so machine noise hits both alike), and a variant's ratio is the
-median over rounds of its time over the neighbouring ``gd`` chunk's. Beside
+each variant, then times ``--chunk`` steps of each in interleaved rounds
+(``common.side_by_side``: the order rotated each round, so machine noise
+hits all alike), and a variant's ratio is the median over rounds of its time
+over the same round's ``gd`` chunk's. Beside
 it, XLA's own model of the compiled programs (``cost_analysis()``): the
 FLOP ratio (what the arithmetic predicts) and the ratio of bytes accessed.
 
@@ -24,10 +24,6 @@ Run: ``python bench/rule_cost.py [--models fashion,mlp] [--rounds 15]``.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 from unittest import mock
 
 import jax
@@ -36,8 +32,10 @@ import optax
 
 from cdat_fast import estimators
 
-sys.path.insert(0, os.path.dirname(__file__))
-import bench_curvature  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-bad-import-order
+import bench_curvature
+from common import markdown_table, platform_line, side_by_side
+from problems import PROBLEMS, make_problems
 
 
 def forward_only(mu: float = 1e-2) -> estimators.CurvatureEstimator:
@@ -88,60 +86,55 @@ def variant_step(problem, name):
       curvature=estimators.subbatch(1 / 16, inner=inner())))
 
 
+def _chunk(fn, carry, batch, chunk):
+  """A callable running ``chunk`` steps of ``fn`` from the carry it holds."""
+  def run():
+    p, s = run.carry
+    for _ in range(chunk):
+      p, s, v = fn(p, s, batch)
+    jax.block_until_ready(v)
+    run.carry = p, s
+  run.carry = carry
+  return run
+
+
 def measure(problem, variants, rounds, chunk):
   """``{variant: (time ratio quartiles, FLOP ratio, bytes ratio, gd ms)}``."""
-  runs = {}
+  fns, costs = {}, {}
   for name in ("gd", *variants):
     init, step = variant_step(problem, name)
     state = init(problem.params)
     fn = jax.jit(step).lower(problem.params, state, problem.batch).compile()
-    cost = fn.cost_analysis()
-    runs[name] = dict(fn=fn, carry=(problem.params, state), times=[],
-                      flops=cost["flops"], bytes=cost["bytes accessed"])
-
-  def chunk_time(name):
-    r = runs[name]
-    (p, s), fn, t = r["carry"], r["fn"], time.perf_counter()
-    for _ in range(chunk):
-      p, s, v = fn(p, s, problem.batch)
-    jax.block_until_ready(v)
-    r["carry"] = p, s
-    return (time.perf_counter() - t) / chunk
-
-  chunk_time("gd")  # warm-up
-  for name in variants:
-    chunk_time(name)
-  ratios = {name: [] for name in variants}
-  for _ in range(rounds):
-    for name in variants:
-      base = chunk_time("gd")
-      ratios[name].append(chunk_time(name) / base)
-      runs["gd"]["times"].append(base)
-  gd = runs["gd"]
-  return {name: (statistics.quantiles(ratios[name], n=4),
-                 runs[name]["flops"] / gd["flops"],
-                 runs[name]["bytes"] / gd["bytes"],
-                 1e3 * statistics.median(gd["times"])) for name in variants}
+    costs[name] = fn.cost_analysis()
+    fns[name] = _chunk(fn, (problem.params, state), problem.batch, chunk)
+  timings = side_by_side(fns, base="gd", rounds=rounds)
+  gd = costs["gd"]
+  return {name: (timings[name].ratio_quartiles,
+                 costs[name]["flops"] / gd["flops"],
+                 costs[name]["bytes accessed"] / gd["bytes accessed"],
+                 1e3 * timings["gd"].median / chunk) for name in variants}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default=",".join(bench_curvature.PROBLEMS))
+  parser.add_argument("--models", default=",".join(PROBLEMS))
   parser.add_argument("--variants", default="floor,sub16_gn,sub16_fwd" + (
       ",sub16_fd" if hasattr(estimators, "finite_difference") else ""))
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--chunk", type=int, default=10)
   args = parser.parse_args(argv)
   variants = [v for v in args.variants.split(",") if v]
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; median over"
-        f" {args.rounds} rounds of {args.chunk} steps, each beside a gd chunk")
-  print("| problem | variant | time / gd (quartiles) | FLOPs / gd |"
-        " bytes / gd | gd ms/step |\n|---|---|---|---|---|---|")
-  for problem in bench_curvature.make_problems(args.models.split(",")):
+  print(f"{platform_line()}; median over {args.rounds} rounds of"
+        f" {args.chunk} steps, each beside a gd chunk")
+  head = ("problem", "variant", "time / gd (quartiles)", "FLOPs / gd",
+          "bytes / gd", "gd ms/step")
+  print(markdown_table(head, []), flush=True)
+  for problem in make_problems(args.models.split(",")):
     for name, (t, f, b, ms) in measure(problem, variants, args.rounds,
                                        args.chunk).items():
-      print(f"| {problem.name} | {name} | {t[1]:.3f} ({t[0]:.2f}–{t[2]:.2f})"
-            f" | {f:.3f} | {b:.3f} | {ms:.2f} |", flush=True)
+      row = [problem.name, name, f"{t[1]:.3f} ({t[0]:.2f}–{t[2]:.2f})",
+             f"{f:.3f}", f"{b:.3f}", f"{ms:.2f}"]
+      print(markdown_table(head, [row]).split("\n")[2], flush=True)
 
 
 if __name__ == "__main__":

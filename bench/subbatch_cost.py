@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from cdat_fast.curvature import directional_derivatives
 from cdat_fast.estimators.subbatch import every_mth_row
 
-sys.path.insert(0, os.path.dirname(__file__))
-import bench_curvature  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-bad-import-order
+from common import markdown_table, platform_line, side_by_side
+from problems import PROBLEMS, make_problems
 
 
 def _rows(batch, k):
@@ -39,21 +37,11 @@ def _rows(batch, k):
 
 
 def _jvp2(loss, params, direction):
-  slope = lambda q: jax.jvp(loss, (q,), (direction,))[1]
-  return jax.jvp(slope, (params,), (direction,))[1]
+  return directional_derivatives(loss, params, direction)[2]
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="nanolm",
-                      choices=bench_curvature.PROBLEMS)
-  parser.add_argument("--parts", default="1,2,4,16")
-  parser.add_argument("--rounds", type=int, default=20)
-  args = parser.parse_args(argv)
-  if args.rounds < 1:
-    parser.error("--rounds must be >= 1")
-  problem = bench_curvature.make_problems((args.model,))[0]
-  loss, params, batch = problem.loss, problem.params, problem.batch
+def functions(loss, params, batch, parts):
+  """name -> zero-argument callable running one jitted function (module doc)."""
   direction = jax.tree.map(jnp.negative, jax.grad(loss)(params, batch))
 
   def step(p, full, k):
@@ -61,27 +49,34 @@ def main(argv=None):
     u = jax.tree.map(jnp.negative, grad)
     return value, _jvp2(lambda q: loss(q, _rows(full, k)), p, u)
 
-  fns = {"grad": (jax.jit(jax.value_and_grad(loss)), (params, batch))}
-  for k in (int(x) for x in args.parts.split(",")):
-    fns[f"jvp2 1/{k}"] = (jax.jit(lambda p, b, k=k: _jvp2(
-        lambda q: loss(q, _rows(b, k)), p, direction)), (params, batch))
-    fns[f"step 1/{k}"] = (jax.jit(functools.partial(step, k=k)),
-                          (params, batch))
-  times = {name: [] for name in fns}
-  for name, (fn, fargs) in fns.items():
-    jax.block_until_ready(fn(*fargs))  # compile
-  for _ in range(args.rounds):
-    for name, (fn, fargs) in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*fargs))
-      times[name].append(time.perf_counter() - t)
-  base = statistics.median(times["grad"])
-  print(f"{problem.name}, jax {jax.__version__} on "
-        f"{jax.devices()[0].platform}, median of {args.rounds} rounds")
-  print("| function | ms | / grad |\n|---|---|---|")
-  for name, ts in times.items():
-    m = statistics.median(ts)
-    print(f"| {name} | {1e3 * m:.2f} | {m / base:.2f} |")
+  def call(fn):
+    return lambda: jax.block_until_ready(fn(params, batch))
+
+  fns = {"grad": call(jax.jit(jax.value_and_grad(loss)))}
+  for k in parts:
+    fns[f"jvp2 1/{k}"] = call(jax.jit(lambda p, b, k=k: _jvp2(
+        lambda q: loss(q, _rows(b, k)), p, direction)))
+    fns[f"step 1/{k}"] = call(jax.jit(functools.partial(step, k=k)))
+  return fns
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="nanolm", choices=PROBLEMS)
+  parser.add_argument("--parts", default="1,2,4,16")
+  parser.add_argument("--rounds", type=int, default=20)
+  args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error("--rounds must be >= 1")
+  problem = make_problems((args.model,))[0]
+  fns = functions(problem.loss, problem.params, problem.batch,
+                  [int(x) for x in args.parts.split(",")])
+  timings = side_by_side(fns, base="grad", rounds=args.rounds)
+  base = timings["grad"].median
+  print(f"{problem.name}, {platform_line()}, median of {args.rounds} rounds")
+  print(markdown_table(("function", "ms", "/ grad"), [
+      (name, f"{1e3 * t.median:.2f}", f"{t.median / base:.2f}")
+      for name, t in timings.items()]))
 
 
 if __name__ == "__main__":
