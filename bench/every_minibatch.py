@@ -40,6 +40,8 @@ import time
 import jax
 import numpy as np
 
+from cdat_fast import estimators
+
 # pylint: disable=g-bad-import-order
 from bench_curvature import jvp_steps, make_variant
 from common import gmean, markdown_table, side_by_side
@@ -53,9 +55,12 @@ VARIANTS = {
     "exact": ("exact", None),
     "every10": ("every10", None),
     "every10_single": ("every10_single", None),
-    "every10_noguard": ("every10", dict(secant_guard=0.0)),
-    "every10_notol": ("every10", dict(refresh_tol=INF)),
-    "every10_neither": ("every10", dict(secant_guard=0.0, refresh_tol=INF)),
+    "every10_noguard": ("exact", dict(curvature=estimators.every(
+        10, secant_guard=0.0))),
+    "every10_notol": ("exact", dict(curvature=estimators.every(
+        10, refresh_tol=INF))),
+    "every10_neither": ("exact", dict(curvature=estimators.every(
+        10, secant_guard=0.0, refresh_tol=INF))),
     "sub4": ("sub4", None),
     "sub16": ("sub16", None),
 }
