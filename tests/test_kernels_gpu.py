@@ -3,13 +3,28 @@
 Triton for every kernel; Mosaic GPU (``gpu_backend="mosaic_gpu"``,
 kernels/mosaic_gpu.py) for the kernels that have it, skipped with the
 reason where Pallas has no Mosaic GPU or the GPU is older than sm_90.
-Skipped (reported) where JAX sees no GPU; the same checks run in interpret
-mode on the CPU in test_dense_jet.py, test_activation_jet.py and
-test_layer_norm_jet.py and test_attention_jet.py, and tests/accel compiles
-the kernels for an H100 from a CPU host (no device, nothing run).
-bench/gpu_kernels.py (bash bench/device_check.sh) checks them at the
-compile tier's sizes too and times them.
+Every test marked ``gpu`` is skipped (reported) where JAX sees no GPU.
+
+Two kinds of check. Small awkward shapes, compiled HLO and fused models
+(``test_*_compiled``). The kernels at the compile tier's sizes
+(``tests/accel/compile_cases.py``: rows up to 8192, widths 256-4096, head
+dimensions 64 and 128, T up to 8192, causal and not) and a few that divide
+no tile, in float32 and bfloat16 (``test_*_at_size``): per output
+``max|fused - ref| / max|ref|`` in float32, the worst of y, dy, ddy within
+the dtype's tolerance, every value finite, the backend's kernel in the
+compiled program. The ``*_at_size`` bodies also run in the default suite,
+unmarked, at one small size in Pallas' interpreter on the CPU, so that the
+checks themselves are exercised. More interpret-mode checks are in
+test_dense_jet.py, test_activation_jet.py, test_layer_norm_jet.py and
+test_attention_jet.py; tests/accel compiles the kernels for an H100 from a
+CPU host (no device, nothing run). ``bash bench/device_check.sh`` runs the
+``gpu`` tests here on a lent GPU, then bench/gpu_kernels.py's timings.
 """
+import functools
+import importlib.util
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +35,7 @@ from cdat_fast.kernels import (activation_jet, activation_jet_reference,
                                dense_jet, dense_jet_reference, layer_norm_jet,
                                layer_norm_jet_reference)
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 # Custom-call targets of each GPU backend's kernels in compiled HLO.
 CALLS = {"triton": 'custom_call_target="__gpu$xla.gpu.triton"',
@@ -49,16 +64,19 @@ def _mosaic_gpu_missing():
   return None
 
 
+def _backend_marks(name):
+  """Marks of a test of backend ``name``: Mosaic GPU skipped where it cannot
+  run."""
+  if name != "mosaic_gpu":
+    return []
+  why = _mosaic_gpu_missing() if any(
+      d.platform == "gpu" for d in _devices()) else "no GPU"
+  return [pytest.mark.skipif(why is not None, reason=f"mosaic_gpu: {why}")]
+
+
 def _backend(name):
   """``name`` as a parameter, Mosaic GPU skipped where it cannot run."""
-  if name == "triton":
-    return name
-
-  def marks():
-    why = _mosaic_gpu_missing() if any(
-        d.platform == "gpu" for d in _devices()) else "no GPU"
-    return [pytest.mark.skipif(why is not None, reason=f"mosaic_gpu: {why}")]
-  return pytest.param(name, marks=marks(), id=name)
+  return pytest.param(name, marks=_backend_marks(name), id=name)
 
 
 def _devices():
@@ -90,6 +108,7 @@ def _close(actual, expected, tol):
                                np.asarray(e, np.float32), rtol=tol, atol=tol)
 
 
+@gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows, k, n", [(74, 19, 53), (1024, 512, 384)])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-2), (jnp.bfloat16,
@@ -104,6 +123,7 @@ def test_dense_jet_compiled(rows, k, n, dtype, tol, backend):
   _close(out, jax.jit(dense_jet_reference)(*args), tol * np.sqrt(k))
 
 
+@gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dense_jet_compiled_absent_tangents(backend):
   # No biases; then the first layer (dx = ddx = None).
@@ -116,6 +136,7 @@ def test_dense_jet_compiled_absent_tangents(backend):
     _close(out, jax.jit(dense_jet_reference)(*args), 2e-2 * np.sqrt(96))
 
 
+@gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "silu"])
 def test_activation_jet_compiled(activation, backend):
@@ -128,6 +149,7 @@ def test_activation_jet_compiled(activation, backend):
          1e-4)
 
 
+@gpu
 def test_layer_norm_jet_compiled():
   args = _normal(2, [(300, 129), (129,), (129,), (300, 129), (129,), (129,),
                      (300, 129)])
@@ -135,6 +157,7 @@ def test_layer_norm_jet_compiled():
   _close(out, layer_norm_jet_reference(*args), 1e-3)
 
 
+@gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("t, d", [(37, 5), (300, 64), (300, 128)])
 def test_attention_jet_compiled(causal, t, d):
@@ -147,6 +170,7 @@ def test_attention_jet_compiled(causal, t, d):
   _close(out, ref, 2e-2)  # TF32 matmuls.
 
 
+@gpu
 def test_attention_jet_compiled_bf16():
   args = _normal(4, [(2, 2, 200, 128)] * 9, jnp.bfloat16)
   out = jax.jit(lambda *a: attention_jet(*a, causal=True))(*args)
@@ -155,6 +179,7 @@ def test_attention_jet_compiled_bf16():
   _close(out, ref, 1e-1)
 
 
+@gpu
 def test_default_lowering_is_the_triton_kernel(monkeypatch):
   # interpret=None on a GPU: one Triton kernel per call, no interpreter.
   monkeypatch.delenv("CDAT_FAST_GPU_BACKEND", raising=False)
@@ -180,6 +205,7 @@ _GPU_MODELS = {
 }
 
 
+@gpu
 @pytest.mark.parametrize("name", sorted(_GPU_MODELS))
 def test_fused_model_cdat_quadratic_form_compiled(name):
   """models.*(fused=True) on the GPU: uᵀHu as flax's layers give it."""
@@ -198,3 +224,149 @@ def test_fused_model_cdat_quadratic_form_compiled(name):
 
   # TF32 matmuls on both sides (the f32 tolerance of the kernel tests).
   _close(quad(fused)(params, u), quad(plain)(params, u), 2e-2)
+
+
+# ---------------------------------------------------------------------------
+# The kernels at the compile tier's sizes (on the CPU: one small size each,
+# in Pallas' interpreter).
+
+
+def _tier():
+  """tests/accel/compile_cases.py, whose kernel sizes the tier compiles."""
+  if "compile_cases" in sys.modules:  # the tier's tests imported it
+    return sys.modules["compile_cases"]
+  path = pathlib.Path(__file__).resolve().parent / "accel" / "compile_cases.py"
+  spec = importlib.util.spec_from_file_location("compile_cases", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["compile_cases"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+TIER = _tier()
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _id(size):
+  if isinstance(size[0], str):  # (activation, shape)
+    return f"{size[0]}-{_id(size[1])}"
+  return "x".join(map(str, size))
+
+
+def _sized(gpu_sizes, tags, cpu_size, cpu_tag, backends=("triton",)):
+  """Parameters (size, backend, dtype tag): each GPU size with each backend
+  and tag, marked ``gpu``; ``cpu_size`` in Pallas' interpreter (backend
+  "interpret") with one tag, to keep the default suite short."""
+  params = [pytest.param(size, b, tag, marks=[gpu, *_backend_marks(b)],
+                         id=f"{b}-{_id(size)}-{tag}")
+            for size in gpu_sizes for b in backends for tag in tags]
+  return params + [pytest.param(cpu_size, "interpret", cpu_tag,
+                                id=f"interpret-{_id(cpu_size)}-{cpu_tag}")]
+
+
+def _kernel(fn, backend, **kw):
+  """``fn`` for ``backend``: "interpret" (Pallas' interpreter, any device)
+  or a GPU backend (``gpu_backend=`` of the kernels that have several)."""
+  if backend == "interpret":
+    return functools.partial(fn, interpret=True, **kw)
+  if fn in (dense_jet, activation_jet):
+    kw["gpu_backend"] = backend
+  return functools.partial(fn, interpret=False, **kw)
+
+
+def _random(seed, shapes, dtype, scales=None):
+  """Normal arrays made on the device (the tier's sizes are large)."""
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  scales = scales or [1.0] * len(shapes)
+  return [(s * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+          for key, shape, s in zip(keys, shapes, scales)]
+
+
+def _check_at_size(fn, reference, args, tol, backend):
+  """``fn(*args)`` compiled against ``reference`` on the same values in f32.
+
+  Per output ``max|fused - ref| / max|ref|``; the worst of y, dy, ddy must be
+  within ``tol`` and every value finite; compiled for a GPU, the program
+  must hold the backend's kernel (not XLA's fallback or the interpreter).
+  """
+  out, text = _compiled(fn, *args)
+  if backend != "interpret":
+    assert text.count(CALLS[backend]) >= 1, f"no {backend} kernel compiled"
+  f32 = [None if a is None else a.astype(jnp.float32) for a in args]
+  expected = jax.jit(reference)(*f32)
+  assert len(out) == len(expected) == 3
+  errors = []
+  for name, a, e in zip(("y", "dy", "ddy"), out, expected):
+    assert a.shape == e.shape, (name, a.shape, e.shape)
+    a, e = a.astype(jnp.float32), e.astype(jnp.float32)
+    bad = int(jnp.sum(~jnp.isfinite(a)))
+    assert not bad, f"{name}: {bad} non-finite values"
+    scale = max(float(jnp.max(jnp.abs(e))), 1e-30)
+    errors.append(float(jnp.max(jnp.abs(a - e))) / scale)
+  assert max(errors) <= tol, f"relative errors (y, dy, ddy) {errors} > {tol}"
+
+
+# Tolerances of max|fused - ref| / max|ref| by kernel and dtype. Dense f32:
+# TF32 matmuls on the GPU (Mosaic GPU: always TF32); "f32-highest":
+# precision=HIGHEST, which only the Triton version takes.
+DENSE_TOL = {"f32": 2e-2, "bf16": 3e-2, "f32-highest": 1e-4}
+ACTIVATION_TOL = {"f32": 1e-4, "bf16": 3e-2}
+LAYER_NORM_TOL = {"f32": 1e-3, "bf16": 5e-2}
+ATTENTION_TOL = {"f32": 2e-2, "bf16": 5e-2}
+
+
+@pytest.mark.parametrize("size, backend, tag", _sized(
+    TIER.DENSE + [(300, 1000, 700)], sorted(DENSE_TOL), (74, 19, 53),
+    "f32-highest", ("triton", "mosaic_gpu")))
+def test_dense_jet_at_size(size, backend, tag):
+  if tag == "f32-highest" and backend == "mosaic_gpu":
+    pytest.skip("mosaic_gpu: TF32 only, no precision=HIGHEST")
+  m, k, n = size
+  args = _random(m + k + n, [(m, k), (k, n), (n,), (m, k), (k, n), (n,),
+                             (m, k)], DTYPES[tag.split("-")[0]],
+                 [1.0, k**-0.5, 1.0, 1.0, k**-0.5, 1.0, 1.0])
+  precision = HIGHEST if tag == "f32-highest" else None
+  _check_at_size(_kernel(dense_jet, backend, precision=precision),
+                 functools.partial(dense_jet_reference, precision=HIGHEST),
+                 args, DENSE_TOL[tag], backend)
+
+
+@pytest.mark.parametrize("case, backend, tag", _sized(
+    TIER.ACTIVATION + [(a, (111, 19)) for a in ("relu", "gelu", "tanh",
+                                                 "silu")],
+    sorted(ACTIVATION_TOL), ("gelu", (37, 19)), "f32",
+    ("triton", "mosaic_gpu")))
+def test_activation_jet_at_size(case, backend, tag):
+  activation, shape = case
+  args = _random(sum(shape), [shape] * 3, DTYPES[tag], [2.0, 1.0, 1.0])
+  _check_at_size(_kernel(activation_jet, backend, activation=activation),
+                 functools.partial(activation_jet_reference,
+                                   activation=activation),
+                 args, ACTIVATION_TOL[tag], backend)
+
+
+@pytest.mark.parametrize("size, backend, tag", _sized(
+    TIER.LAYER_NORM + [(74, 53), (74, 1000)], sorted(LAYER_NORM_TOL),
+    (37, 53), "bf16"))
+def test_layer_norm_jet_at_size(size, backend, tag):
+  rows, d = size
+  x, scale, bias, dx, dscale, dbias, ddx = _random(
+      rows + d, [(rows, d), (d,), (d,), (rows, d), (d,), (d,), (rows, d)],
+      jnp.float32, [2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+  args = [a.astype(DTYPES[tag]) for a in (x, 1.0 + scale, bias, dx, dscale,
+                                          dbias, ddx)]
+  _check_at_size(_kernel(layer_norm_jet, backend), layer_norm_jet_reference,
+                 args, LAYER_NORM_TOL[tag], backend)
+
+
+@pytest.mark.parametrize("shape, backend, tag", _sized(
+    TIER.ATTENTION + [(1, 3, 74, 40)], sorted(ATTENTION_TOL), (1, 2, 37, 16),
+    "f32"))
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_jet_at_size(shape, backend, tag, causal):
+  args = _random(sum(shape), [shape] * 9, DTYPES[tag])
+  _check_at_size(_kernel(attention_jet, backend, causal=causal),
+                 functools.partial(attention_jet_reference, causal=causal,
+                                   precision=HIGHEST),
+                 args, ATTENTION_TOL[tag], backend)
