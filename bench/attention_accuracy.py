@@ -6,41 +6,83 @@ key, or a key bias's tangent) leaves the softmax, and so the jet, unchanged,
 but E[ṡ²] - E[ṡ]² and the expanded (ṡ - a)² terms then cancel in float32.
 Prints the largest error of ``(o, ȯ, ö)`` relative to each output's largest
 entry, against the closed form in float64, for the fused kernel (interpret
-mode), its jnp reference and XLA's jvp-of-jvp of plain attention::
+mode), its jnp reference and XLA's jvp-of-jvp of plain attention (a jet with
+its own second-order tangents ``(q̈, k̈, v̈)``, so not a directional
+derivative of a scalar)::
 
   python bench/attention_accuracy.py
 """
-
-import os
-import sys
+import argparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "tests"))
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from test_attention_jet import D, T, _inputs, _jet_float64, _plain, reference
-from cdat_fast.kernels import attention_jet
+from cdat_fast.kernels import attention_jet, attention_jet_reference
+
+# pylint: disable=g-bad-import-order
+from common import markdown_table
+
+LEAD, T, D, DV = (2, 3), 37, 20, 13  # 37 queries: padded, masked keys.
+NAMES = ("q", "k", "v", "dq", "dk", "dv", "ddq", "ddk", "ddv")
+
+
+def inputs(seed):
+  """``(q, k, v, q̇, k̇, v̇, q̈, k̈, v̈)`` in float32, peaked softmax rows."""
+  rng = np.random.default_rng(seed)
+  shape = {"q": LEAD + (T, D), "k": LEAD + (T, D), "v": LEAD + (T, DV)}
+  args = [rng.standard_normal(shape[n[-1]]) for n in NAMES]
+  args[0] = 2.0 * args[0]
+  return [np.asarray(a, np.float32) for a in args]
+
+
+def plain(q, k, v, causal):
+  """Softmax attention as written, ``1/√d`` scale."""
+  s = jnp.einsum("...td,...sd->...ts", q, k) / np.sqrt(q.shape[-1])
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+  return jnp.einsum("...ts,...sd->...td", jax.nn.softmax(s, -1), v)
+
+
+def jet_float64(q, k, v, dq, dk, dv, ddq, ddk, ddv, causal):
+  """The closed-form jet ``(o, ȯ, ö)`` in float64 numpy, centred sums."""
+  q, k, v, dq, dk, dv, ddq, ddk, ddv = (
+      np.asarray(a, np.float64) for a in (q, k, v, dq, dk, dv, ddq, ddk, ddv))
+  c = 1.0 / np.sqrt(q.shape[-1])
+  qk = lambda a, b: np.einsum("...td,...sd->...ts", a, b)
+  pv = lambda p, b: np.einsum("...ts,...sd->...td", p, b)
+  s, ds = c * qk(q, k), c * (qk(dq, k) + qk(q, dk))
+  dds = c * (qk(ddq, k) + 2.0 * qk(dq, dk) + qk(q, ddk))
+  if causal:
+    mask = np.tril(np.ones(s.shape[-2:], bool))
+    s, ds, dds = np.where(mask, s, -np.inf), ds * mask, dds * mask
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  expect = lambda z: np.sum(p * z, -1, keepdims=True)
+  centred = ds - expect(ds)
+  dp = p * centred
+  ddp = p * (centred ** 2 + dds - expect(centred ** 2) - expect(dds))
+  return pv(p, v), pv(dp, v) + pv(p, dv), pv(ddp, v) + 2 * pv(dp, dv) + pv(
+      p, ddv)
 
 
 @jax.jit
 def xla_jet(*args):
-  f = lambda *x: _plain(*x, True)
+  f = lambda *x: plain(*x, True)
   inner = lambda *a: jax.jvp(f, a[:3], a[3:])
   (o, do), (_, ddo) = jax.jvp(inner, (*args[:3], *args[3:6]),
                               (*args[3:6], *args[6:]))
   return o, do, ddo
 
 
-def main():
-  print("| common part of k̇ | path | o | ȯ | ö |")
-  print("|---|---|---|---|---|")
+def main(argv=None):
+  argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+  reference = jax.jit(attention_jet_reference, static_argnames=("causal",))
+  rows = []
   for common in (0.0, 30.0, 300.0, 3000.0):
-    args = [np.asarray(a) for a in _inputs(5, s=T)]
+    args = inputs(5)
     args[4] = args[4] + common * np.random.default_rng(6).standard_normal(D)
-    expected = _jet_float64(*args, causal=True)
+    expected = jet_float64(*args, causal=True)
     paths = (
         ("attention_jet", attention_jet(*args, causal=True, interpret=True,
                                         block_q=16, block_k=8)),
@@ -49,8 +91,8 @@ def main():
     for name, out in paths:
       errs = [np.abs(np.asarray(o) - e).max() / np.abs(e).max()
               for o, e in zip(out, expected)]
-      print(f"| {common:g} | {name} | " + " | ".join(f"{e:.1e}" for e in errs)
-            + " |")
+      rows.append([f"{common:g}", name] + [f"{e:.1e}" for e in errs])
+  print(markdown_table(("common part of k̇", "path", "o", "ȯ", "ö"), rows))
 
 
 if __name__ == "__main__":

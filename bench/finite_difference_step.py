@@ -34,51 +34,24 @@ cores; ``--models``, ``--train``).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 
 jax.config.update("jax_enable_x64", True)  # the float64 reference
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import jax.numpy as jnp
-import numpy as np
 
 from cdat_fast import estimators, treemath
 from cdat_fast.curvature import directional_derivatives
 from cdat_fast.estimators.interface import Objective
-from cdat_fast.harness import losses
-from cdat_fast.harness.data import load_digits
-from cdat_fast.harness.models import get_model
 
-sys.path.insert(0, os.path.dirname(__file__))
-import bench_curvature  # pylint: disable=wrong-import-position
+from common import markdown_table, platform_line
+from problems import cast, make_problems
 
 MODELS = ("mlp", "nanolm", "mlp_gelu", "vit")
 STEPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PRECISIONS = ("f32", "bf16", "mixed")
-
-
-def make_problem(name: str) -> bench_curvature.Problem:
-  if name in ("mlp", "nanolm"):
-    return bench_curvature.make_problems((name,))[0]
-  if name == "mlp_gelu":
-    return bench_curvature._image_problem(  # pylint: disable=protected-access
-        name, get_model("mlp", 10, features=(256, 256, 256),
-                        activation="gelu"),
-        load_digits(subset=1024, seed=0), 0.5, 0)
-  data = load_digits(subset=256, seed=0)
-  batch = {"x": jnp.asarray(data.x_train), "y": jnp.asarray(data.y_train)}
-  return bench_curvature._problem(  # pylint: disable=protected-access
-      name, get_model("vit", 10, patch_size=4), batch,
-      losses.cross_entropy_loss, 0.5, 0)
-
-
-def cast(tree, dtype):
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, tree)
 
 
 def objectives(problem):
@@ -149,14 +122,14 @@ def main(argv=None):
   unknown = [n for n in names if n not in MODELS]
   if unknown:
     parser.error(f"unknown models {unknown}; valid: {MODELS}")
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; relative"
-        " error of the curvature against float64's jvp of a jvp")
-  print("| model | state | precision | ε_f | jvp² | "
-        + " | ".join(f"h={h:g}" for h in STEPS)
-        + " | μ=η (h) | auto (h, retries) | auto, 3rd (estimate) |")
-  print("|" + "---|" * (8 + len(STEPS)))
+  print(f"{platform_line()}; relative error of the curvature against"
+        " float64's jvp of a jvp")
+  head = (["model", "state", "precision", "ε_f", "jvp²"]
+          + [f"h={h:g}" for h in STEPS]
+          + ["μ=η (h)", "auto (h, retries)", "auto, 3rd (estimate)"])
+  print(markdown_table(head, []))
   for name in names:
-    problem = make_problem(name)
+    problem = make_problems((name,))[0]
     f32, bf16, f64 = objectives(problem)
     params = problem.params
     descend = jax.jit(lambda p: jax.tree.map(
@@ -167,13 +140,12 @@ def main(argv=None):
           params = descend(params)
       for precision in PRECISIONS:
         r = row(*point(precision, params, f32, bf16), f64)
-        print(f"| {name} | {state} | {precision} | {r['noise']:.1e} | "
-              f"{r['exact']:.1e} | "
-              + " | ".join(f"{e:.1e}" for e in r["steps"])
-              + f" | {r['eta']:.2f} ({r['eta_h']:.1e}) | {r['auto']:.1e}"
-              f" ({r['auto_h']:.1e}, {r['retries']}) | {r['settled']:.1e}"
-              f" ({r['estimated']:.1e}) |", flush=True)
-
+        cells = ([name, state, precision, f"{r['noise']:.1e}",
+                  f"{r['exact']:.1e}"] + [f"{e:.1e}" for e in r["steps"]]
+                 + [f"{r['eta']:.2f} ({r['eta_h']:.1e})",
+                    f"{r['auto']:.1e} ({r['auto_h']:.1e}, {r['retries']})",
+                    f"{r['settled']:.1e} ({r['estimated']:.1e})"])
+        print(markdown_table(head, [cells]).split("\n")[2], flush=True)
 
 if __name__ == "__main__":
   main()
