@@ -53,12 +53,11 @@ import numpy as np
 import optax
 
 import cdat_fast
-from cdat_fast import sharding
+from cdat_fast import hlo, sharding
 from cdat_fast.curvature import directional_derivatives
 
-KINDS = sharding.COLLECTIVES
-SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS",
-         "all-to-all": "A2A", "collective-permute": "CP"}
+KINDS = hlo.COLLECTIVES
+SHORT = hlo.SHORT_NAMES
 
 
 def mlp(widths, seed=0):
@@ -80,27 +79,25 @@ def loss_fn(params, batch):
   return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
 
 
-def _with_jvp2(step):
-  """Replaces ``step``'s body by base step + a bare jvp-of-jvp along ``u``."""
+def jvp2_body(optimizer):
+  """The step body base step + a bare jvp-of-jvp along its update ``u``."""
   def body(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    u, opt_state = step.optimizer.update(grads, opt_state, params)
+    u, opt_state = optimizer.update(grads, opt_state, params)
     _, slope, curv = directional_derivatives(
         lambda p: loss_fn(p, batch), params, u)
     u = jax.tree.map(lambda x: x * (slope / curv), u)
     return optax.apply_updates(params, u), opt_state, loss
-  step._step = body  # pylint: disable=protected-access
-  return step
+  return body
 
 
 def measure(optimizer, mesh, params, batch, jvp2=False) -> dict:
-  step = sharding.make_train_step(loss_fn, optimizer, mesh)
-  if jvp2:
-    step = _with_jvp2(step)
+  step = sharding.make_train_step(
+      loss_fn, optimizer, mesh, body=jvp2_body(optimizer) if jvp2 else None)
   p = sharding.shard_params(params, mesh)
   text = step.lower(p, step.init(p), sharding.shard_batch(batch, mesh)
                     ).compile().as_text()
-  return sharding.hlo_collectives(text)
+  return hlo.hlo_collectives(text)
 
 
 def _ravel_free_vdot():

@@ -9,9 +9,9 @@ through :func:`cdat_fast.sharding.make_train_step`, and reads per device:
 
 * the compiled memory (``memory_analysis()``: arguments, temporaries);
 * the collectives by kind, with the bytes of their operands
-  (:func:`cdat_fast.sharding.hlo_collectives`), each TPU async collective
+  (:func:`cdat_fast.hlo.hlo_collectives`), each TPU async collective
   once (libtpu copies it into every fusion it overlaps with:
-  :func:`merge_async_copies`; ``async_copies`` counts the copies dropped,
+  :func:`cdat_fast.hlo.merge_async_copies`; ``async_copies`` counts the copies dropped,
   ``async_copy_sent`` what they would add);
 * CDAT's collectives beyond the base step's, and its non-scalar ones beyond
   those of ``base+jvp²`` (the base step plus a bare jvp-of-jvp along its
@@ -46,13 +46,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import traceback
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TARGETS_DIR = os.path.join(_REPO, "tests", "accel", "targets")
 CPU_DEVICES = 8
 
 
@@ -77,15 +74,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cdat_fast
-from cdat_fast import sharding, treemath
+from cdat_fast import compile_targets, hlo, sharding, treemath
 from cdat_fast.curvature import directional_derivatives
 from cdat_fast.estimators.subbatch import every_mth_row
 from cdat_fast.harness.losses import get_loss
 from cdat_fast.harness.models import get_model
 
-KINDS = sharding.COLLECTIVES
-SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS",
-         "all-to-all": "A2A", "collective-permute": "CP"}
+KINDS = hlo.COLLECTIVES
+SHORT = hlo.SHORT_NAMES
 ROW_MOVERS = ("all-gather", "all-to-all", "collective-permute")
 # Operands of at most this many elements count as scalars (XLA packs the
 # tuner's scalar all-reduces into small vectors).
@@ -106,12 +102,6 @@ LABELS = {"cpu8": "8 fake CPU devices", "h100x8": "8×H100 (1 host)",
 # Devices.
 
 
-def gpu_target_config(name: str = "h100") -> str:
-  """The GpuTargetConfigProto text stored for the compile tier (tests/accel)."""
-  with open(os.path.join(_TARGETS_DIR, f"{name}.txtpb")) as f:
-    return f.read()
-
-
 def target_devices(target: str) -> list:
   """The devices of ``target`` (a topology's, or the fake CPU devices)."""
   platform, topology, _ = TARGETS[target]
@@ -122,14 +112,9 @@ def target_devices(target: str) -> list:
           f"{len(devices)} CPU devices; run as a script (it sets XLA_FLAGS="
           f"--xla_force_host_platform_device_count={CPU_DEVICES})")
     return devices[:CPU_DEVICES]
-  from jax.experimental import topologies
   if platform == "cuda":
-    topo = topologies.get_topology_desc(
-        "h100", "cuda", target_config=gpu_target_config("h100"),
-        topology=topology)
-  else:
-    topo = topologies.get_topology_desc(topology, "tpu")
-  return list(topo.devices)
+    return compile_targets.gpu_devices("h100", topology)
+  return compile_targets.tpu_devices(topology)
 
 
 # ----------------------------------------------------------------------------
@@ -209,11 +194,11 @@ class Problem:
 # Steps.
 
 
-def _jvp2_body(loss_fn, value_fn, step, m=None):
+def _jvp2_body(loss_fn, value_fn, optimizer, m=None):
   """The base step plus a bare jvp-of-jvp along its update (rows ::m)."""
   def body(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    u, opt_state = step.optimizer.update(grads, opt_state, params)
+    u, opt_state = optimizer.update(grads, opt_state, params)
     sub = batch if m is None else jax.tree.map(
         lambda v: every_mth_row(v, m), batch)
     _, slope, curv = directional_derivatives(
@@ -242,23 +227,23 @@ def pinned(loss_fn, mesh):
   return fn
 
 
-def _body(loss_fn, value_fn, step):
+def _body(loss_fn, value_fn, optimizer):
   """:class:`sharding.TrainStep`'s step with another curvature objective."""
   def body(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = step.optimizer.update(
+    updates, opt_state = optimizer.update(
         grads, opt_state, params, value_fn=value_fn, batch=batch, value=loss)
     return optax.apply_updates(params, updates), opt_state, loss
   return body
 
 
-def _gn_body(problem, step):
+def _gn_body(problem, optimizer):
   """The base step plus a bare Gauss–Newton form ``(Ju)ᵀ∇²ℓ (Ju)`` along
   its update: a first-order jvp of the model, the loss's Hessian on the
   outputs."""
   def body(params, opt_state, batch):
     loss, grads = jax.value_and_grad(problem.loss_fn)(params, batch)
-    u, opt_state = step.optimizer.update(grads, opt_state, params)
+    u, opt_state = optimizer.update(grads, opt_state, params)
     out, ju = jax.jvp(lambda p: problem.model_fn(p, batch), (params,), (u,))
     _, hju = jax.jvp(jax.grad(lambda o: problem.output_loss(o, batch)),
                      (out,), (ju,))
@@ -287,27 +272,19 @@ def make_step(problem, variant: str, mesh, m: int):
     kwargs = dict(model_fn=problem.model_fn, output_loss=problem.output_loss)
   else:
     raise ValueError(variant)
-  step = sharding.make_train_step(loss_fn, opt, mesh, **kwargs)
-  # pylint: disable=protected-access
+  opt, body = optax.with_extra_args_support(opt), None
   if variant == "base+jvp²":
-    step._step = _jvp2_body(loss_fn, value_fn, step)
+    body = _jvp2_body(loss_fn, value_fn, opt)
   elif variant.startswith("base+jvp²_sub"):
-    step._step = _jvp2_body(loss_fn, value_fn, step, m)
+    body = _jvp2_body(loss_fn, value_fn, opt, m)
   elif variant == "base+gn":
-    step._step = _gn_body(problem, step)
+    body = _gn_body(problem, opt)
   elif pin:
-    step._step = _body(loss_fn, value_fn, step)
-  return step
+    body = _body(loss_fn, value_fn, opt)
+  return sharding.make_train_step(loss_fn, opt, mesh, body=body, **kwargs)
 
 
-def _custom_calls(text: str) -> dict[str, int]:
-  out: dict[str, int] = {}
-  for target in re.findall(r'custom_call_target="([^"]*)"', text):
-    out[target] = out.get(target, 0) + 1
-  return out
-
-
-merge_async_copies = sharding.merge_async_copies
+merge_async_copies = hlo.merge_async_copies
 
 
 def compile_step(problem, variant, mesh, m) -> dict:
@@ -329,9 +306,8 @@ def compile_step(problem, variant, mesh, m) -> dict:
   text = compiled.as_text()
   mem = compiled.memory_analysis()
   merged, copies = merge_async_copies(text)
-  stats = sharding.hlo_collectives(merged)
-  raw = (sharding.hlo_collectives(text, merge_async=False) if copies
-         else stats)
+  stats = hlo.hlo_collectives(merged, merge_async=False)
+  raw = hlo.hlo_collectives(text, merge_async=False) if copies else stats
   return {
       "seconds": round(time.perf_counter() - t0, 1),
       "argument_bytes": int(mem.argument_size_in_bytes),
@@ -349,7 +325,7 @@ def compile_step(problem, variant, mesh, m) -> dict:
       "unknown_groups": sum(op["wire_bytes"] is None for op in stats["ops"]),
       "non_scalar": stats["non_scalar"],
       "host_transfers": stats["host_transfers"],
-      "custom_calls": _custom_calls(text),
+      "custom_calls": hlo.custom_calls(text),
   }
 
 
@@ -388,8 +364,9 @@ def batch_shaped(r: dict, rows: set[int], params: set, kinds) -> list:
 
 
 def kernel_calls(calls: dict) -> int:
-  """Custom calls that are Pallas kernels (Triton, Mosaic GPU or TPU)."""
-  keys = ("triton", "mosaic", "tpu_custom_call")
+  """Custom calls that are Pallas kernels (Triton, Mosaic GPU or TPU), of
+  ``{target: count}`` (``cdat_fast.hlo.custom_calls``)."""
+  keys = hlo.KERNEL_TARGETS.values()
   return sum(n for t, n in calls.items() if any(k in t.lower() for k in keys))
 
 

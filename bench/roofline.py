@@ -1,8 +1,8 @@
 """Compiled memory and a roofline estimate of CDAT steps, from H100 programs.
 
 Compile-time estimates only (nothing runs): each step is compiled for an H100
-(sm_90, ``tests/accel/targets/h100.txtpb``, the tier's helpers) from this CPU
-host, and ``compiled.as_text()`` is read kernel by kernel. A kernel is every
+(sm_90, ``cdat_fast.compile_targets.gpu_target("h100")``) from a CPU host,
+and ``compiled.as_text()`` is read kernel by kernel (``cdat_fast.hlo``). A kernel is every
 instruction of a non-fused computation that launches work: each fusion,
 custom call (cuBLAS gemms, the Pallas/Triton kernels), dot, convolution,
 copy, reduce, etc. (parameters, constants, bitcasts, tuples and
@@ -52,75 +52,30 @@ import math
 import os
 import pathlib
 import re
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"
-                       / "accel"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from compile_cases import KERNEL_TARGETS  # noqa: E402
-
-
-def _accel_conftest():
-  """tests/accel/conftest.py, loaded by path: under pytest the name
-  ``conftest`` is the tests' top-level one."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "accel" / (
-      "conftest.py")
-  spec = importlib.util.spec_from_file_location("_accel_conftest", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_gpu_target = _accel_conftest()._gpu_target
+from cdat_fast import compile_targets, hlo  # noqa: E402
 
 PEAK_BF16 = 790e12
 PEAK_F32 = 495e12  # TF32 tensor cores, H100 SXM
 PEAK_F32_SIMT = 67e12
 BANDWIDTH = 4.3e12
 ELEM_FLOPS = {"activation_jet": 30, "layer_norm_jet": 40}
-ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1,
-            "u8": 1, "pred": 1, "s64": 8, "u64": 8, "f64": 8, "s16": 2,
-            "u16": 2, "token": 0, "f8e4m3fn": 1, "f8e5m2": 1}
 FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple",
         "while", "call", "conditional", "after-all", "partition-id",
         "replica-id", "opt-barrier"}
-_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
-
-
-def _shapes(text: str):
-  """[(dtype, dims)] of the array types in a type string."""
-  return [(d, tuple(int(x) for x in s.split(",") if x))
-          for d, s in _SHAPE.findall(text) if d in ITEMSIZE]
-
-
-def _bytes(shapes) -> int:
-  return sum(ITEMSIZE[d] * math.prod(s) for d, s in shapes)
-
-
-def _split_type(rest: str):
-  """(type string, remainder) of ``rest`` = 'TYPE opcode(...)...'."""
-  if rest.startswith("("):
-    depth = 0
-    for i, c in enumerate(rest):
-      depth += c == "("
-      depth -= c == ")"
-      if depth == 0:
-        return rest[:i + 1], rest[i + 1:].lstrip()
-  i = rest.index(" ")
-  return rest[:i], rest[i + 1:]
 
 
 @dataclasses.dataclass
 class Instr:
+  """An HLO instruction with its result's arrays (``[(dtype, dims)]``)."""
   name: str
   opcode: str
   result: list
@@ -128,38 +83,15 @@ class Instr:
   line: str
 
 
-def parse(text: str):
-  """{computation: [Instr]}, the entry's name."""
-  comps, entry, current = {}, None, None
-  for line in text.splitlines():
-    if line.endswith("{") and ("->" in line) and not line.startswith(" "):
-      head = line.split(" (")[0].split()
-      name = head[-1].lstrip("%")
-      if head[0] == "ENTRY":
-        entry = name
-      current = comps.setdefault(name, [])
-      continue
-    m = _INSTR.match(line)
-    if not m or current is None:
-      continue
-    rest = line[m.end():]
-    try:
-      typ, rest = _split_type(rest)
-    except ValueError:
-      continue
-    op = re.match(r"([\w\-]+)\(", rest)
-    if not op:
-      continue
-    opcode = op.group(1)
-    depth, j = 0, op.end() - 1
-    for j in range(op.end() - 1, len(rest)):
-      depth += rest[j] == "("
-      depth -= rest[j] == ")"
-      if depth == 0:
-        break
-    operands = re.findall(r"%([\w.\-]+)", rest[op.end():j])
-    current.append(Instr(m.group(1), opcode, _shapes(typ), operands, line))
-  return comps, entry
+def _bytes(shapes) -> int:
+  return sum(hlo.DTYPE_BYTES[d] * math.prod(s) for d, s in shapes)
+
+
+def parse(module: hlo.Module):
+  """{computation: [Instr]} of a module read by ``cdat_fast.hlo``."""
+  return {name: [Instr(i.name, i.opcode, hlo.arrays(i.shape),
+                       list(i.operands), i.line) for i in instrs]
+          for name, instrs in module.computations.items()}
 
 
 def _dot_flops(instr: Instr, shapes) -> float:
@@ -219,28 +151,11 @@ class Program:
 
 
 def roofline(text: str, causal: bool = False) -> Program:
-  comps, entry = parse(text)
+  module = hlo.computations(text)
+  comps = parse(module)
   shapes = {i.name: i.result for instrs in comps.values() for i in instrs}
-  fused = set()
-  for instrs in comps.values():
-    for i in instrs:
-      if i.opcode == "fusion":
-        fused.update(re.findall(r"calls=%([\w.\-]+)", i.line))
   # Multiplicities: entry 1, loop bodies × known trip count.
-  mult = {entry: 1}
-  order = [entry]
-  while order:
-    c = order.pop()
-    for i in comps.get(c, []):
-      if i.opcode in ("while", "call", "conditional"):
-        n = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.line)
-        k = int(n.group(1)) if (n and i.opcode == "while") else 1
-        for callee in re.findall(
-            r"(?:body|condition|to_apply|branch_computations=\{)[=]?%([\w.\-]+)",
-            i.line):
-          if callee not in mult:
-            mult[callee] = mult[c] * k
-            order.append(callee)
+  mult = hlo.multiplicities(module)
   prog = Program()
   for comp, m in mult.items():
     for i in comps.get(comp, []):
@@ -250,7 +165,7 @@ def roofline(text: str, causal: bool = False) -> Program:
                                       for o in i.operands)
       kind, flops, bf16 = i.opcode, 0.0, False
       if i.opcode == "fusion":
-        for callee in re.findall(r"calls=%([\w.\-]+)", i.line):
+        for callee in re.findall(r"calls=%?([\w.\-]+)", i.line):
           for j in comps.get(callee, []):
             if j.opcode in ("dot", "convolution"):
               flops += _dot_flops(j, shapes)
@@ -260,7 +175,7 @@ def roofline(text: str, causal: bool = False) -> Program:
         flops = _dot_flops(i, shapes)
         bf16 = i.result[0][0] == "bf16"
       elif i.opcode == "custom-call":
-        if KERNEL_TARGETS["gpu"] in i.line:
+        if hlo.kernel_calls(i.line)["triton"]:
           kind, flops = _pallas_flops(i, shapes, causal)
           prog.pallas += m
         elif "cublas" in i.line and "gemm" in i.line:
@@ -288,16 +203,10 @@ def roofline(text: str, causal: bool = False) -> Program:
   return prog
 
 
-def compile_program(fn, args, target) -> Program:
-  sharding = jax.sharding.SingleDeviceSharding(target.device)
-  specs = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-      args)
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*specs).compile(
-      compiler_options=target.compiler_options)
-  seconds = time.perf_counter() - start
-  return compiled, seconds
+def compile_program(fn, args, target):
+  """(compiled, seconds) of ``fn`` for ``target`` (a ``Target`` of
+  ``cdat_fast.compile_targets``)."""
+  return compile_targets.compile_for(target, fn, args)
 
 
 def _spec(shape, dtype):
@@ -498,7 +407,7 @@ def main(argv=None):
                       help="parameter/input dtypes of the model steps: "
                       "f32,bf16")
   args = parser.parse_args(argv)
-  target = _gpu_target("h100")
+  target = compile_targets.gpu_target("h100")
   if args.layers:
     layers(target, args.only,
            args.layer_dtypes.split(",") if args.layer_dtypes else None)

@@ -209,8 +209,7 @@ def run_steps(name: str, mesh, steps: int = STEPS, free: bool = False) -> dict:
   if free:
     # Unconstrained jit: do the tuners, left to XLA's propagation, keep the
     # parameters' shardings?
-    body = step._step  # pylint: disable=protected-access
-    out = jax.jit(body)(params, opt_state, batches[0])
+    out = jax.jit(step.body)(params, opt_state, batches[0])
     free_ok = _same_shardings(out[0], in_shardings)
   etas, losses = [], []
   with jax.transfer_guard("disallow"):
@@ -256,17 +255,17 @@ def hlo_checks(mesh) -> dict:
   cdat_step = _make_step("cdat_exact", mesh)
   cdat_hlo = sharding.hlo_collectives(_lowered_text(cdat_step, mesh))
 
-  ref_step = sharding.make_train_step(loss_fn, optax.sgd(1.0), mesh)
+  sgd = optax.sgd(1.0)
 
   def ref_body(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    u, opt_state = ref_step.optimizer.update(grads, opt_state, params)
+    u, opt_state = sgd.update(grads, opt_state, params)
     _, slope, curv = directional_derivatives(
         lambda p: loss_fn(p, batch), params, u)
     u = jax.tree.map(lambda x: x * (slope / curv), u)
     return optax.apply_updates(params, u), opt_state, loss
 
-  ref_step._step = ref_body  # pylint: disable=protected-access
+  ref_step = sharding.make_train_step(loss_fn, sgd, mesh, body=ref_body)
   ref_hlo = sharding.hlo_collectives(_lowered_text(ref_step, mesh))
   return {
       "callbacks": cdat_hlo["callbacks"],

@@ -4,9 +4,9 @@ Each case is a function and the shapes of its arguments. :func:`compile_for`
 lowers it for one device of an accelerator topology described on this host
 (no device present), compiles it with the accelerator's compiler and reads
 the result: the number of Pallas kernels compiled as kernels (custom calls
-``__gpu$xla.gpu.triton`` on GPU, ``tpu_custom_call`` on TPU; a kernel left
-to Pallas' interpreter would be plain HLO and count nothing), the compiled
-memory and the compile time.
+``__gpu$xla.gpu.triton`` on GPU, ``tpu_custom_call`` on TPU, counted by
+``cdat_fast.hlo.kernel_calls``; a kernel left to Pallas' interpreter would
+be plain HLO and count nothing), the compiled memory and the compile time.
 
 Sizes: the kernels at realistic sizes (rows up to 8192, widths 256-4096,
 head dimensions 64 and 128, sequences up to 2048 and one of 8192, float32
@@ -18,14 +18,13 @@ cut to 4 blocks to keep the tier's compile time in budget.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-KERNEL_TARGETS = {"gpu": 'custom_call_target="__gpu$xla.gpu.triton"',
-                  "tpu": 'custom_call_target="tpu_custom_call"'}
+from cdat_fast import compile_targets, hlo
+
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -49,21 +48,14 @@ def compile_for(device, fn: Callable[..., Any], args,
       dtypes matter); placed on ``device``.
     compiler_options: XLA options for this compile.
   """
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  specs = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-      args)
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*specs).compile(
-      compiler_options=compiler_options or {})
-  seconds = time.perf_counter() - start
-  text = compiled.as_text()
-  kind = "tpu" if device.platform == "tpu" else "gpu"
+  compiled, seconds = compile_targets.compile_for(device, fn, args,
+                                                  compiler_options or {})
+  calls = hlo.kernel_calls(compiled.as_text())
+  kernels = calls["tpu"] if device.platform == "tpu" else calls["triton"]
   memory = compiled.memory_analysis()
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
            memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  return Compiled(text.count(KERNEL_TARGETS[kind]), memory.temp_size_in_bytes,
-                  total, seconds)
+  return Compiled(kernels, memory.temp_size_in_bytes, total, seconds)
 
 
 def _spec(shape, dtype):

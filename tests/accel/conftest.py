@@ -2,43 +2,30 @@
 
 Opt-in (``pytest --accel tests/accel``, ``.ci/run``'s last step): every test
 here is marked ``accel``. The targets are described on this host, with no
-device: an H100 and an H200 (sm_90) from the ``GpuTargetConfigProto`` files
-in ``targets/`` through the CUDA PJRT plugin, one chip of a TPU v5e 2x2
-through libtpu. Where the plugin, ptxas or libtpu is not installed the
-tests are skipped with the reason (``pip install '.[accel-compile]'``).
+device (``cdat_fast.compile_targets``): an H100 and an H200 (sm_90) from
+the ``GpuTargetConfigProto`` files the package ships, through the CUDA PJRT
+plugin, one chip of a TPU v5e 2x2 through libtpu. Where the plugin, ptxas
+or libtpu is not installed the tests are skipped with the reason
+(``pip install '.[accel-compile]'``).
 The terminal summary lists each compile (kernels, memory, time);
 ``--accel-report=FILE`` also writes them as JSON.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.metadata
 import json
 import os
 import pathlib
-import re
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
-TARGETS = pathlib.Path(__file__).parent / "targets"
-# XLA options for GPU compiles: without a device XLA's Triton gemm
-# autotiler fails on some shapes ("Couldn't find output tile sizes"), so
-# XLA's own matmuls go to cuBLAS; the Pallas kernels are Triton regardless.
-GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-# A TPU v5e chip's HBM (the topology does not report it).
-V5E_HBM_BYTES = 16 * 2**30
+from cdat_fast.compile_targets import Target, gpu_target, tpu_target
+
 INSTALL = "pip install '.[accel-compile]'"
 
 _RESULTS: list[dict[str, Any]] = []
-
-
-class Target(NamedTuple):
-  name: str
-  device: Any
-  memory_bytes: int
-  compiler_options: dict[str, Any]
 
 
 def pytest_configure(config):
@@ -64,41 +51,25 @@ def _missing(*distributions: str) -> list[str]:
   return missing
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_target(name: str) -> Target:
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  text = (TARGETS / f"{name}.txtpb").read_text()
-  memory = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
-  topology = topologies.get_topology_desc(name, "cuda", target_config=text,
-                                          topology="1x1x1")
-  return Target(name, topology.devices[0], memory, GPU_OPTIONS)
-
-
-@functools.lru_cache(maxsize=None)
-def _tpu_target() -> Target:
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  topology = topologies.get_topology_desc("v5e:2x2", "tpu")
-  return Target("v5e", topology.devices[0], V5E_HBM_BYTES, {})
-
-
 def _gpu(name: str) -> Target:
   missing = _missing("jax-cuda12-plugin", "jax-cuda12-pjrt",
                      "nvidia-cuda-nvcc-cu12")
   if missing:
     pytest.skip(f"compiling for {name} needs the CUDA PJRT plugin and ptxas"
                 f" ({', '.join(missing)} not installed: {INSTALL})")
-  return _gpu_target(name)
+  return gpu_target(name)
 
 
 @pytest.fixture
 def h100() -> Target:
-  """One H100 (``targets/h100.txtpb``)."""
+  """One H100 (``cdat_fast/targets/h100.txtpb``)."""
   return _gpu("h100")
 
 
 @pytest.fixture
 def h200() -> Target:
-  """One H200 (``targets/h200.txtpb``): an H100's sm_90 with 141 GB."""
+  """One H200 (``cdat_fast/targets/h200.txtpb``): an H100's sm_90 with 141
+  GB."""
   return _gpu("h200")
 
 
@@ -108,7 +79,7 @@ def v5e() -> Target:
   if _missing("libtpu"):
     pytest.skip(f"compiling for TPU v5e needs libtpu (not installed:"
                 f" {INSTALL})")
-  return _tpu_target()
+  return tpu_target()
 
 
 @pytest.fixture
