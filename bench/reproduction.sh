@@ -85,7 +85,7 @@ edge_runs() {  # C2/C5: λ_max every 25 steps; the spectrum at the end
       cdat-fast train "${MLP[@]}" --steps 800 --tuner $v --seed "$seed" \
         --sharpness-every 25 --sharpness-iters 20 --log-every 25 \
         --spectrum-every 800 --spectrum-subset 1024 --quiet \
-        --out "$OUT/mlp_edge/$name/seed=$seed" || return 1
+        --overwrite --out "$OUT/mlp_edge/$name/seed=$seed" || return 1
     done
   done
 }
@@ -94,19 +94,20 @@ minibatch() {  # C6: the scale grid and the tuned constant per batch size
   local sizes=64,256,1024
   cdat-fast sweep "${MLP[@]}" --steps 800 --tuner cdat --batch-sizes $sizes \
     --scales 0.4,0.8,1.2,1.6,2.0,2.4,2.8 --emas 0,0.9 --seeds "$SEEDS" \
-    --out "$OUT/minibatch/cdat" &&
+    --overwrite --out "$OUT/minibatch/cdat" &&
   cdat-fast sweep "${MLP[@]}" --steps 800 --tuner constant --lr 0.1 \
     --lr-exponents -4 1 --batch-sizes $sizes --seeds "$SEEDS" \
-    --out "$OUT/minibatch/constant" &&
+    --overwrite --out "$OUT/minibatch/constant" &&
   cdat-fast sweep "${MLP[@]}" --steps 800 --tuner linesearch \
-    --batch-sizes $sizes --seeds "$SEEDS" --out "$OUT/minibatch/linesearch"
+    --batch-sizes $sizes --seeds "$SEEDS" --overwrite \
+    --out "$OUT/minibatch/linesearch"
 }
 
 schedules() {  # peaks at 1 and 2 × the tuned constant, warm-up 0.1
   local lr; lr=$(best_lr "$OUT/mlp_compare/compare.json")
   cdat-fast compare "${MLP[@]}" --steps 800 --lr "$lr" --lr-exponents 0 1 \
     --warmup-fractions 0.1 --variants none --seeds "$SEEDS" \
-    --out "$OUT/mlp_schedules"
+    --overwrite --out "$OUT/mlp_schedules"
 }
 
 resnet() {  # full batch on 256 images: XLA:CPU convolutions are slow
@@ -117,7 +118,7 @@ resnet() {  # full batch on 256 images: XLA:CPU convolutions are slow
       cdat-fast train --dataset fashion-mnist --data-dir "$FASHION_MNIST" \
         --subset 256 --model resnet-small \
         --loss squared --steps 100 --tuner $v --seed "$seed" --log-every 25 \
-        --quiet --out "$OUT/resnet/$1_$3/seed=$seed" || return 1
+        --quiet --overwrite --out "$OUT/resnet/$1_$3/seed=$seed" || return 1
     done
   done
 }
@@ -128,20 +129,21 @@ nanolm() {  # the constant on a log2 grid, then CDAT σ=2 (3.6× a step here)
   for seed in $(seq 0 $((SEEDS - 1))); do
     for lr in 0.25 0.5 1 2; do
       cdat-fast train "${nano[@]}" --tuner constant --lr $lr --seed "$seed" \
-        --out "$OUT/nanolm/constant_learning_rate=$lr/seed=$seed" || return 1
+        --overwrite --out "$OUT/nanolm/constant_learning_rate=$lr/seed=$seed" || return 1
     done
     cdat-fast train "${nano[@]}" --tuner cdat --scale 2 --seed "$seed" \
-      --out "$OUT/nanolm/cdat_2/seed=$seed" || return 1
+      --overwrite --out "$OUT/nanolm/cdat_2/seed=$seed" || return 1
   done
 }
 
 stage mlp_compare cdat-fast compare "${MLP[@]}" --steps 800 --lr 0.1 \
-  --lr-exponents -3 1 --schedules none --seeds "$SEEDS" --out "$OUT/mlp_compare"
+  --lr-exponents -3 1 --schedules none --seeds "$SEEDS" --overwrite \
+  --out "$OUT/mlp_compare"
 stage mlp_edge edge_runs
 stage linear cdat-fast compare "${FASHION[@]}" --depth 0 --loss squared \
   --steps 800 --lr 0.01 --lr-exponents -2 3 --schedules none \
   --variants linesearch,quadratic_greedy,cdat_2 --seeds "$SEEDS" \
-  --out "$OUT/linear"
+  --overwrite --out "$OUT/linear"
 stage minibatch minibatch
 stage nanolm nanolm
 stage mlp_schedules schedules
@@ -149,4 +151,4 @@ stage resnet resnet
 stage sophia_grid cdat-fast compare "${MLP[@]}" --steps 800 --lr 0.1 \
   --lr-exponents 0 0 --schedules none --variants sophia \
   --sophia-lrs 0.000125,0.00025,0.0005,0.001 --seeds "$SEEDS" \
-  --out "$OUT/sophia_grid"
+  --overwrite --out "$OUT/sophia_grid"
