@@ -34,7 +34,7 @@ Everything takes a scalar ``fn`` of a parameter pytree and keeps the pytree's
 structure; random keys are explicit arguments; the functions are traceable
 (``jax.jit`` them with ``fn`` closed over; ``k``, ``num_iters`` and
 ``num_probes`` are static). To evaluate on more data than fits in one batch,
-pass an ``fn`` that sums chunks, as :mod:`cdat_fast.harness.diagnostics` does.
+pass an ``fn`` that sums chunks, as :mod:`cdat_fast.harness.spectrum` does.
 
 References:
   C. Lanczos, An iteration method for the solution of the eigenvalue problem

@@ -250,7 +250,7 @@ def test_stochastic_estimators_reject_bad_arguments(mlp):
 # -- the harness: a fixed subset in chunks ------------------------------------
 
 from cdat_fast.curvature import directional_derivatives, hvp  # noqa: E402
-from cdat_fast.harness import diagnostics as harness_diag  # noqa: E402
+from cdat_fast.harness import spectrum as harness_spectrum  # noqa: E402
 
 
 def _net(n=10, seed=0, mu=1e-3):
@@ -273,9 +273,9 @@ def _net(n=10, seed=0, mu=1e-3):
 @pytest.mark.parametrize("chunk", [4, 5, 16])  # a remainder, none, one chunk
 def test_chunked_hvp_is_the_weighted_sum_and_the_whole_subsets(chunk):
   loss_fn, params, x, y = _net(n=10)
-  chunks = harness_diag.make_chunks(x, y, chunk)
+  chunks = harness_spectrum.make_chunks(x, y, chunk)
   assert chunks.size == 10
-  fn = harness_diag.chunked_objective(loss_fn, chunks)
+  fn = harness_spectrum.chunked_objective(loss_fn, chunks)
   whole = lambda p: loss_fn(p, {"x": x, "y": y})
   v = optax.tree.random_like(jax.random.key(0), params)
   # Σ_c (|B_c|/|S|) ∇²f(w; B_c) v, chunk by chunk.
@@ -319,8 +319,8 @@ def test_chunked_hvp_holds_one_chunk_not_the_subset():
     return analysis.temp_size_in_bytes
 
   whole = temp_bytes(lambda p: loss_fn(p, {"x": x, "y": y}))
-  chunked = temp_bytes(harness_diag.chunked_objective(
-      loss_fn, harness_diag.make_chunks(x, y, 128)))
+  chunked = temp_bytes(harness_spectrum.chunked_objective(
+      loss_fn, harness_spectrum.make_chunks(x, y, 128)))
   activations = n * width * 4  # one [n, width] float32 activation
   # Observed on CPU: 16.8 MB and 1.3 MB.
   assert whole > 4 * activations and chunked < activations, (whole, chunked)
@@ -328,13 +328,13 @@ def test_chunked_hvp_holds_one_chunk_not_the_subset():
 
 def test_evaluate_spectrum_on_chunks_matches_the_explicit_hessian():
   loss_fn, params, x, y = _net(n=12, seed=3)
-  fn = harness_diag.chunked_objective(loss_fn,
-                                      harness_diag.make_chunks(x, y, 5))
+  fn = harness_spectrum.chunked_objective(loss_fn,
+                                      harness_spectrum.make_chunks(x, y, 5))
   h = jit_hessian(lambda p: loss_fn(p, {"x": x, "y": y}), params)
   n = h.shape[0]
-  cfg = harness_diag.SpectrumConfig(every=1, top_k=3, iters=n,
+  cfg = harness_spectrum.SpectrumConfig(every=1, top_k=3, iters=n,
                                     density_probes=2, trace_probes=100)
-  out = jax.jit(lambda p: harness_diag.evaluate_spectrum(
+  out = jax.jit(lambda p: harness_spectrum.evaluate_spectrum(
       fn, p, cfg, jax.random.key(0)))(params)
   eigs = np.linalg.eigvalsh(h)
   scale = np.abs(eigs).max()
@@ -346,19 +346,19 @@ def test_evaluate_spectrum_on_chunks_matches_the_explicit_hessian():
   np.testing.assert_allclose(np.sort(out["density_nodes"][0]), eigs,
                              atol=1e-4 * scale)
   # Counts of 0 leave the entries out.
-  none = harness_diag.SpectrumConfig(top_k=0, density_probes=0,
+  none = harness_spectrum.SpectrumConfig(top_k=0, density_probes=0,
                                      trace_probes=0)
-  assert harness_diag.evaluate_spectrum(fn, params, none,
+  assert harness_spectrum.evaluate_spectrum(fn, params, none,
                                         jax.random.key(0)) == {}
 
 
 def test_spectrum_config_and_chunks_reject_bad_values():
   with pytest.raises(ValueError, match="spectrum_chunk"):
-    harness_diag.SpectrumConfig(chunk=0).validate()
+    harness_spectrum.SpectrumConfig(chunk=0).validate()
   with pytest.raises(ValueError, match="spectrum_top_k"):
-    harness_diag.SpectrumConfig(top_k=9, iters=8).validate()
+    harness_spectrum.SpectrumConfig(top_k=9, iters=8).validate()
   with pytest.raises(ValueError, match="spectrum_every"):
-    harness_diag.SpectrumConfig(every=-1).validate()
-  monitor = harness_diag.SpectrumMonitor(harness_diag.SpectrumConfig(every=3))
+    harness_spectrum.SpectrumConfig(every=-1).validate()
+  monitor = harness_spectrum.SpectrumMonitor(harness_spectrum.SpectrumConfig(every=3))
   assert [monitor.due(d, 2) for d in (2, 4, 6, 8)] == [True, True, True,
                                                       False]

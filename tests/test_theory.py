@@ -1,9 +1,13 @@
 """Tests for cdat_fast.theory, the paper's simplified dynamical models."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from cdat_fast import theory
+from cdat_fast.harness.theory_figures import FIG4_CONSTANT, theory_figures
 
 _FIG9 = dict(a=5e-2, b=1e-1, nu=0.1, lam0=18.0, eta0=0.05, p0=4.0, g0=4.0)
 
@@ -92,7 +96,7 @@ def test_below_edge_tuner_lets_sharpness_grow_and_eta_fall():
 
 
 def test_constant_eta_oscillates_around_the_edge():
-  traj = theory.eos_model(**theory.FIG4_CONSTANT)
+  traj = theory.eos_model(**FIG4_CONSTANT)
   assert np.all(np.isfinite(traj.y))
   crossings = np.sum(np.diff(np.sign(traj.y)) != 0)
   assert crossings >= 4
@@ -135,8 +139,14 @@ def test_cdat_model_validates_arguments(kwargs, name):
     theory.cdat_model(**args)
 
 
+def test_the_models_import_no_plotting():
+  code = ("import sys, cdat_fast.theory; "
+          "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_theory_figures_write_pngs(tmp_path):
-  paths = theory.theory_figures(tmp_path / "figs")
+  paths = theory_figures(tmp_path / "figs")
   assert len(paths) == 4
   names = {p.name for p in paths}
   assert {"fig4_eos_model.png", "fig9_cdat_model.png",

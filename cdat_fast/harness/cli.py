@@ -177,7 +177,7 @@ def _add_peer_args(g) -> None:
 
 def _add_spectrum_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group(
-      "Hessian diagnostics (cdat_fast.harness.diagnostics): top-k"
+      "Hessian diagnostics (cdat_fast.harness.spectrum): top-k"
       " eigenvalues, trace, spectral density on a fixed subset, in chunks;"
       " into metrics.jsonl and OUT/spectrum.jsonl")
   g.add_argument("--spectrum-every", type=int, default=0, metavar="N",
@@ -204,7 +204,7 @@ def _spectrum_monitor(args):
       raise CLIError("--spectrum-every must be >= 0, got"
                      f" {args.spectrum_every}")
     return None
-  from cdat_fast.harness.diagnostics import SpectrumConfig, SpectrumMonitor
+  from cdat_fast.harness.spectrum import SpectrumConfig, SpectrumMonitor
   cfg = SpectrumConfig(
       every=args.spectrum_every, subset=args.spectrum_subset,
       chunk=args.spectrum_chunk, top_k=args.spectrum_top_k,
@@ -720,7 +720,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_theory(args) -> int:
-  from cdat_fast.theory import theory_figures
+  from cdat_fast.harness.theory_figures import theory_figures
   for path in theory_figures(args.out):
     print(f"wrote {path}")
   return 0
@@ -730,7 +730,7 @@ def cmd_theory(args) -> int:
 
 def _flag_names(message: str) -> str:
   """``ls_c must be ...`` → ``--ls-c must be ...`` for config fields."""
-  from cdat_fast.harness.diagnostics import SpectrumConfig
+  from cdat_fast.harness.spectrum import SpectrumConfig
   fields = ({f.name for f in dataclasses.fields(OptimizerConfig)}
             | {f.name for f in dataclasses.fields(TrainConfig)}
             | {f"spectrum_{f.name}"

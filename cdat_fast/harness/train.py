@@ -140,7 +140,7 @@ class Trainer:
     Args:
       cfg: the run.
       dataset: the data, if already loaded.
-      spectrum: a :class:`~cdat_fast.harness.diagnostics.SpectrumMonitor`.
+      spectrum: a :class:`~cdat_fast.harness.spectrum.SpectrumMonitor`.
       averaged_loss: for a tuner evaluated on averaged parameters
         (Schedule-Free, :data:`~cdat_fast.harness.peers.AVERAGED`), log the
         training loss there, one more forward pass a step; False logs it at
@@ -148,7 +148,7 @@ class Trainer:
     """
     cfg.validate()
     self.cfg = cfg
-    # A cdat_fast.harness.diagnostics.SpectrumMonitor, or None.
+    # A cdat_fast.harness.spectrum.SpectrumMonitor, or None.
     self.spectrum = spectrum
     self.dataset = dataset if dataset is not None else load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, subset=cfg.subset, seed=cfg.seed)

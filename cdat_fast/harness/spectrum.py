@@ -1,4 +1,4 @@
-"""Hessian diagnostics of a run, on a fixed subset of its data, in chunks.
+"""The Hessian spectrum of a run, on a fixed subset of its data, in chunks.
 
 Every ``every`` steps (``cdat-fast train --spectrum-every N``) the functions of
 :mod:`cdat_fast.diagnostics` are evaluated at the current parameters on a
