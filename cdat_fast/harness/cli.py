@@ -140,7 +140,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--ema", type=_float, default=0.0, help="CDAT β")
   g.add_argument("--eps", type=_float, default=0.0, help="CDAT ε")
   g.add_argument("--curvature", default=None,
-                 help="CDAT curvature estimate: exact, gauss_newton or secant;"
+                 help="CDAT curvature estimate: exact, gauss_newton, secant or"
+                 " finite_difference;"
                  " default exact, and gauss_newton with --curvature-batch"
                  " (the recommended fast mode, docs/curvature.md)")
   g.add_argument("--every", type=_positive_int, default=1,
