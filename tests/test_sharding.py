@@ -177,6 +177,32 @@ def test_train_step_on_one_device_matches_plain_update():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_train_step_runs_the_body_it_is_given():
+  mesh = sharding.make_mesh("data=1")
+  params = sharding.shard_params(sharding_checks.init_params(), mesh)
+  batch = sharding.shard_batch(sharding_checks.make_batches(1)[0], mesh)
+  sgd = optax.sgd(0.5)
+
+  def twice(params, opt_state, batch):  # two SGD steps per call
+    for _ in range(2):
+      loss, grads = jax.value_and_grad(sharding_checks.loss_fn)(params, batch)
+      updates, opt_state = sgd.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    return params, opt_state, loss
+
+  step = sharding.make_train_step(sharding_checks.loss_fn, sgd, mesh,
+                                  body=twice)
+  plain = sharding.make_train_step(sharding_checks.loss_fn, sgd, mesh)
+  assert step.body is twice and plain.body == plain.default_body
+  state = step.init(params)
+  new_p, _, _ = step(params, state, batch)
+  ref = plain(*plain(params, state, batch)[:2], batch)[0]
+  for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(TypeError, match="body"):
+    sharding.make_train_step(sharding_checks.loss_fn, sgd, mesh, body=1)
+
+
 def test_shard_batch_rejects_indivisible_batch():
   mesh = sharding.make_mesh("data=1")
   assert sharding.shard_batch({"x": np.ones((3, 2))}, mesh)["x"].shape == (3, 2)
@@ -193,88 +219,6 @@ def test_init_distributed_is_a_noop_without_configuration(monkeypatch):
   assert sharding.init_distributed() is False
   with pytest.raises(ValueError, match="coordinator_address"):
     sharding.init_distributed(num_processes=2)
-
-
-def test_merge_async_copies_counts_each_chain_once():
-  # libtpu's async collective fusion puts the whole collective in the
-  # fusion that starts it, in each continuation and in the one that ends
-  # it, all tagged with one chain_id; a sync collective has none.
-  ag = ("  %all-gather.{n} = f32[1024,256]{{1,0:T(8,128){s}}} all-gather("
-        "%p.{n}), channel_id=40, replica_groups=mesh['axis_0'=4,'axis_1'=4]"
-        " {{'axis_0'}}, dimensions={{0}}, frontend_attributes={{chain_id="
-        '"{c}"}}')
-  text = "\n".join([
-      "%start (p.1: f32[256,256]) -> f32[1024,256] {",
-      "  %p.1 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=1, s="", c=51), "}",
-      "%continuation (p.2: f32[256,256]) -> f32[1024,256] {",
-      "  %p.2 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=2, s="S(1)", c=51), "}",
-      "%done (p.3: f32[256,256]) -> f32[1024,256] {",
-      "  %p.3 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=3, s="", c=51), "}",
-      "%other (p.4: f32[256,256]) -> f32[1024,256] {",
-      "  %p.4 = f32[256,256]{1,0} parameter(0)",
-      ag.format(n=4, s="", c=52), "}",
-      "ENTRY %main (p.5: f32[256,256]) -> f32[1024,256] {",
-      "  %p.5 = f32[256,256]{1,0} parameter(0)",
-      "  ROOT %all-gather.5 = f32[1024,256]{1,0} all-gather(%p.5),"
-      " replica_groups=[4,4]<=[16], dimensions={0}", "}"])
-  raw = sharding.hlo_collectives(text, merge_async=False)
-  assert raw["count"]["all-gather"] == 5
-  assert sharding.hlo_collectives(text)["count"]["all-gather"] == 3
-  merged, dropped = sharding.merge_async_copies(text)
-  stats = sharding.hlo_collectives(merged)
-  assert dropped == 2
-  assert stats["count"]["all-gather"] == 3  # chains 51, 52 and the sync one
-  assert stats["total_bytes"] == 3 * 256 * 256 * 4
-  no_chains = text.replace("chain_id", "other_id")
-  assert sharding.merge_async_copies(no_chains) == (no_chains, 0)
-
-
-def test_hlo_collectives_parses_operands():
-  text = """
-HloModule m
-ENTRY %main (p: f32[16,8]) -> f32[] {
-  %p = f32[16,8]{1,0} parameter(0)
-  %s = f32[] parameter(1)
-  %ag = f32[32,8]{1,0} all-gather(%p), replica_groups={{0,1}}, dimensions={0}
-  %ar = (f32[16,8]{1,0}, f32[]) all-reduce(%p, /*index=1*/%s), to_apply=%add
-  %cp-start = (f32[], f32[]) collective-permute-start(%s), channel_id=2
-  %cp-done = f32[] collective-permute-done(%cp-start)
-  %cb = () custom-call(%s), custom_call_target="xla_ffi_python_cpu_callback"
-  ROOT %r = f32[] add(%s, %s)
-}"""
-  stats = sharding.hlo_collectives(text)
-  assert stats["count"]["all-gather"] == 1
-  assert stats["bytes"]["all-gather"] == 16 * 8 * 4
-  assert stats["bytes"]["all-reduce"] == 16 * 8 * 4 + 4
-  assert stats["count"]["collective-permute"] == 1
-  assert stats["bytes"]["collective-permute"] == 4
-  assert ("all-reduce", "f32[16,8]") in stats["non_scalar"]
-  assert stats["callbacks"] == ["xla_ffi_python_cpu_callback"]
-  # Groups of 2: an all-gather sends its operand once; the all-reduce's
-  # groups are not given; a collective-permute sends its operand.
-  gather = [op for op in stats["ops"] if op["kind"] == "all-gather"][0]
-  assert gather == {"kind": "all-gather", "bytes": 512, "group": 2,
-                    "wire_bytes": 512}
-  assert stats["wire_bytes"]["all-reduce"] == 0
-  assert stats["wire_bytes"]["collective-permute"] == 4
-
-
-@pytest.mark.parametrize("groups,size", [
-    ("replica_groups={{0,1,2,3},{4,5,6,7}}", 4),
-    ("replica_groups=[4,2]<=[8]", 2),
-    ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}", 2),
-    ("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2],"
-     " device_ids=([2,4]T(1,0)) {'axis_0'}", 4),
-    ("replica_groups=mesh['axis_0'=4,'axis_1'=4] {'axis_0','axis_1'}", 16)])
-def test_hlo_collectives_reads_replica_groups(groups, size):
-  text = ("%p = f32[64]{0} parameter(0)\n"
-          f"%r = f32[64]{{0}} all-reduce(%p), {groups}, to_apply=%add")
-  op = sharding.hlo_collectives(text)["ops"][0]
-  assert op["group"] == size
-  assert op["wire_bytes"] == round(2 * (size - 1) / size * 256)
 
 
 # ----------------------------------------------------------------------------

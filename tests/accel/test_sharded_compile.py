@@ -9,8 +9,8 @@ batch 1536) with flax's layers, and with the fused layers (their kernels
 partitioned by rows, ``kernels/partitioning.py``: the fused tests), and the
 fused NanoLM under FSDP on the v5e (CDAT gathers what the bare jvp-of-jvp
 gathers, each TPU async collective counted once:
-``sharding.merge_async_copies``, checked on a made-up HLO in
-``tests/test_sharding.py``).
+``cdat_fast.hlo.merge_async_copies``, checked on a made-up HLO in
+``tests/test_hlo.py``).
 
 What must hold on every mesh, as ``tests/sharding_checks.py`` checks on 8
 fake CPU devices: the CDAT step compiles, and its collectives beyond those of
@@ -137,7 +137,7 @@ def test_subbatch_on_fsdp_sends_less_than_exact_curvature(target, spec):
     # The TPU compiler gathers u in bf16 (the matmuls' default precision)
     # for the exact curvature: +600,596 B over the base step against the
     # sub-batch's +678,939 (its rows and activations move), counted with
-    # async collectives once (bench/mesh_compile.merge_async_copies).
+    # async collectives once (cdat_fast.hlo.merge_async_copies).
     assert sub["sent_bytes"] < 1.25 * exact["sent_bytes"]
   else:
     assert sub["sent_bytes"] < exact["sent_bytes"]
