@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import sys
@@ -111,6 +110,9 @@ from cdat_fast.harness.data import load_dataset
 from cdat_fast.harness.experiments import format_spread, spread
 from cdat_fast.harness.losses import l2_penalty, make_loss_fn, squared_loss
 from cdat_fast.harness.models import get_model, init_params
+
+# pylint: disable=g-bad-import-order
+from common import markdown_table, side_by_side, write_json
 
 WEIGHT_DECAY = 1e-5
 
@@ -279,13 +281,14 @@ def make_gd_step(model, learning_rate: float = 0.1):
   return step, tx
 
 
-def _timed(fn, n: int) -> float:
-  start = time.perf_counter()
-  out = None
-  for _ in range(n):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / n
+def _repeat(fn, n: int):
+  """A callable running ``fn`` ``n`` times and waiting for the last result."""
+  def run():
+    out = None
+    for _ in range(n):
+      out = fn()
+    jax.block_until_ready(out)
+  return run
 
 
 def time_ratio(variant: str, model, batch, rounds: int,
@@ -307,17 +310,16 @@ def time_ratio(variant: str, model, batch, rounds: int,
     run.step()
     return run.params
 
-  _timed(one_kfac, 2 * round_steps)  # compiles every static branch
-  _timed(one_gd, 3)
-  kfac_s, gd_s, ratios = [], [], []
-  for _ in range(rounds):
-    kfac_s.append(_timed(one_kfac, round_steps))
-    gd_s.append(_timed(one_gd, round_steps))
-    ratios.append(kfac_s[-1] / gd_s[-1])
-  return {"ratio_median": statistics.median(ratios),
-          "ratio_min": min(ratios), "ratio_max": max(ratios),
-          "kfac_ms_median": 1e3 * statistics.median(kfac_s),
-          "sgd_ms_median": 1e3 * statistics.median(gd_s),
+  _repeat(one_kfac, 2 * round_steps)()  # compiles every static branch
+  _repeat(one_gd, 3)()
+  t = side_by_side({"kfac": _repeat(one_kfac, round_steps),
+                    "sgd": _repeat(one_gd, round_steps)},
+                   base="sgd", rounds=rounds, warmup=0)
+  lo, hi = t["kfac"].ratio_range
+  return {"ratio_median": t["kfac"].median_ratio,
+          "ratio_min": lo, "ratio_max": hi,
+          "kfac_ms_median": 1e3 * t["kfac"].median / round_steps,
+          "sgd_ms_median": 1e3 * t["sgd"].median / round_steps,
           "rounds": rounds, "round_steps": round_steps}
 
 
@@ -345,20 +347,21 @@ def measure(args) -> dict:
 
 def table(results: dict) -> str:
   """Markdown table of the results."""
-  lines = ["| variant | final loss (mean [min–max]) | final lr | final "
-           "momentum | final damping | step time / sgd step (median "
-           "[min–max]) |", "|---|---|---|---|---|---|"]
+  rows = []
   for name, row in results["variants"].items():
     lrs = [r["final_learning_rate"] for r in row["runs"]]
     moms = [r["final_momentum"] for r in row["runs"]]
     damps = [r["final_damping"] for r in row["runs"]]
     t = row["timing"]
-    lines.append(
-        f"| {name} | {format_spread(row)} | {_range(lrs)} | {_range(moms)} | "
-        f"{_range(damps)} | {t['ratio_median']:.2f}x [{t['ratio_min']:.2f}–"
+    rows.append([
+        name, format_spread(row), _range(lrs), _range(moms), _range(damps),
+        f"{t['ratio_median']:.2f}x [{t['ratio_min']:.2f}–"
         f"{t['ratio_max']:.2f}] ({t['kfac_ms_median']:.1f} ms vs "
-        f"{t['sgd_ms_median']:.1f} ms) |")
-  return "\n".join(lines)
+        f"{t['sgd_ms_median']:.1f} ms)"])
+  return markdown_table(
+      ("variant", "final loss (mean [min–max])", "final lr",
+       "final momentum", "final damping",
+       "step time / sgd step (median [min–max])"), rows)
 
 
 def _range(values) -> str:
@@ -388,8 +391,7 @@ def main(argv=None) -> int:
   print(text)
   print(f"({results['seconds']:.0f} s in all)")
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    write_json(args.json, results, indent=1)
   return 0
 
 

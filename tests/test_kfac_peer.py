@@ -6,6 +6,7 @@ Needs the ``kfac`` extra (kfac-jax); skipped without it. In this checkout::
 """
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -20,6 +21,7 @@ from cdat_fast.harness.losses import make_loss_fn  # pylint: disable=g-import-no
 from cdat_fast.harness.models import get_model, init_params  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _PATH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "kfac_peer.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports bench/common.py
 _SPEC = importlib.util.spec_from_file_location("kfac_peer", _PATH)
 kfac_peer = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(kfac_peer)
