@@ -21,6 +21,8 @@ import numpy as np  # noqa: E402
 
 from cdat_fast.harness.experiments import format_spread, spread  # noqa: E402
 
+from common import markdown_table  # noqa: E402  # pylint: disable=g-bad-import-order
+
 
 def _jsonl(path: Path) -> list[dict]:
   if not path.is_file():
@@ -59,19 +61,19 @@ def _curve_stats(dirs, key):
 
 def compare_table(root: Path, stage: str, steps: int | None = None) -> str:
   data = json.loads((root / stage / "compare.json").read_text())
-  lines = [f"| variant | final loss, mean [min–max] of {data['seeds']} |"
-           " final lr | s/run | setting |", "|---|---|---:|---:|---|"]
+  rows = []
   for row in data["table"]:
     if "final_loss" not in row:
-      lines.append(f"| {row['label']} | every grid point diverged | | | |")
+      rows.append([row["label"], "every grid point diverged", "", "", ""])
       continue
     lr = row.get("final_learning_rate")
     edge = f" (edge: {', '.join(row['edges'])})" if row["edges"] else ""
-    lines.append(
-        f"| {row['label']} | {format_spread(row)} |"
-        f" {'-' if lr is None else f'{lr:.3g}'} | {row['seconds']:.1f} |"
-        f" {row['setting']}{edge} |")
-  return "\n".join(lines)
+    rows.append([row["label"], format_spread(row),
+                 "-" if lr is None else f"{lr:.3g}", f"{row['seconds']:.1f}",
+                 f"{row['setting']}{edge}"])
+  return markdown_table(
+      ("variant", f"final loss, mean [min–max] of {data['seeds']}",
+       "final lr", "s/run", "setting"), rows, align="llrrl")
 
 
 def _curves_figure(series, out: Path, title: str = "") -> Path:
@@ -142,10 +144,7 @@ def _mm(xs, fmt="{:.3g}") -> str:
 
 
 def edge_table(root: Path) -> str:
-  lines = ["| variant | η step 1 → max → end | λ_max first → max → end |"
-           " median η·λ, 2nd half [its min–max] | first step η·λ ≥ 1.9 |"
-           " share ≥ 1.8 after it | final loss |",
-           "|---|---|---|---|---|---|---|"]
+  rows = []
   for vdir in sorted((root / "mlp_edge").iterdir()):
     if not vdir.is_dir():
       continue
@@ -153,14 +152,17 @@ def edge_table(root: Path) -> str:
     loss = spread([_loss(json.loads((d / "summary.json").read_text()))
                    for d in _seed_dirs(vdir)])
     c = lambda k: [n[k] for n in nums]  # noqa: E731
-    lines.append(
-        f"| {vdir.name} | {_mm(c('lr_first'))} → {_mm(c('lr_max'))} →"
-        f" {_mm(c('lr_end'))} | {_mm(c('lam_first'))} →"
-        f" {_mm(c('lam_max'))} → {_mm(c('lam_end'))} |"
-        f" {_mm(c('el_median'))} [{min(c('el_lo')):.3g}–{max(c('el_hi')):.3g}]"
-        f" | {_mm(c('reach'), '{:.0f}')} | {_mm(c('stay'), '{:.2f}')} |"
-        f" {format_spread(loss)} |")
-  return "\n".join(lines)
+    rows.append([
+        vdir.name,
+        f"{_mm(c('lr_first'))} → {_mm(c('lr_max'))} → {_mm(c('lr_end'))}",
+        f"{_mm(c('lam_first'))} → {_mm(c('lam_max'))} → {_mm(c('lam_end'))}",
+        f"{_mm(c('el_median'))} [{min(c('el_lo')):.3g}–{max(c('el_hi')):.3g}]",
+        _mm(c("reach"), "{:.0f}"), _mm(c("stay"), "{:.2f}"),
+        format_spread(loss)])
+  return markdown_table(
+      ("variant", "η step 1 → max → end", "λ_max first → max → end",
+       "median η·λ, 2nd half [its min–max]", "first step η·λ ≥ 1.9",
+       "share ≥ 1.8 after it", "final loss"), rows)
 
 
 def edge_figure(root: Path, out: Path) -> Path:
@@ -207,8 +209,7 @@ def density_figure(root: Path, out: Path, variants=None) -> tuple[Path, str]:
     spec = _jsonl(_seed_dirs(vdir)[0] / "spectrum.jsonl")
     if spec:
       lasts[vdir.name] = spec[-1]
-  rows = ["| variant | top-5 eigenvalues at the end (seed 0) |"
-          " trace (Hutchinson, ± stderr) |", "|---|---|---|"]
+  rows = []
   top = max(max(last["top_eigenvalues"]) for last in lasts.values())
   grid = np.linspace(-0.1 * top, 1.1 * top, 800)
   width = 0.01 * top
@@ -222,15 +223,17 @@ def density_figure(root: Path, out: Path, variants=None) -> tuple[Path, str]:
             width * math.sqrt(2 * math.pi))
     ax.plot(grid, np.maximum(dens, 1e-12), lw=1, label=name)
     tops = ", ".join(f"{v:.3g}" for v in last["top_eigenvalues"])
-    rows.append(f"| {name} | {tops} | {last['hessian_trace']:.4g} ±"
-                f" {last['hessian_trace_stderr']:.2g} |")
+    rows.append([name, tops, f"{last['hessian_trace']:.4g} ±"
+                 f" {last['hessian_trace_stderr']:.2g}"])
   ax.set(yscale="log", xlabel="Hessian eigenvalue", ylim=(1e-6, None),
          ylabel=f"density (SLQ, Gaussian width {width:.2g})")
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out, dpi=90)
   plt.close(fig)
-  return out, "\n".join(rows)
+  return out, markdown_table(
+      ("variant", "top-5 eigenvalues at the end (seed 0)",
+       "trace (Hutchinson, ± stderr)"), rows)
 
 
 def warmup_table(root: Path, variant="cdat_2") -> str:
@@ -238,10 +241,8 @@ def warmup_table(root: Path, variant="cdat_2") -> str:
   dirs = _seed_dirs(root / "mlp_edge" / variant)
   lrs = [_history(d)["learning_rate"] for d in dirs]
   at = [1, 10, 25, 100, 200, 400, 800]
-  head = "| step | " + " | ".join(str(s) for s in at) + " |"
   cells = [_mm([float(lr[min(s, len(lr)) - 1]) for lr in lrs]) for s in at]
-  return "\n".join([head, "|---" * (len(at) + 1) + "|",
-                    f"| η of {variant} | " + " | ".join(cells) + " |"])
+  return markdown_table(["step", *map(str, at)], [[f"η of {variant}", *cells]])
 
 
 # -- minibatch (C6) -------------------------------------------------------------
@@ -254,9 +255,7 @@ def _sweep(root: Path, name: str) -> dict | None:
 def minibatch_table(root: Path) -> str:
   cdat, const, ls = (_sweep(root, n) for n in ("cdat", "constant",
                                                "linesearch"))
-  lines = ["| batch | best CDAT σ, β (mean [min–max]) | CDAT σ=2, β=0 |"
-           " best σ at β=0 | tuned constant (lr) | line search |",
-           "|---:|---|---|---|---|---|"]
+  lines = []
   for bs in sorted({r["batch_size"] for r in cdat["rows"]}):
     rows = [r for r in cdat["rows"] if r["batch_size"] == bs]
     finite = [r for r in rows if math.isfinite(r["final_loss"])]
@@ -274,10 +273,13 @@ def minibatch_table(root: Path) -> str:
     lrow = "-"
     if ls:
       lrow = cell(next(r for r in ls["rows"] if r["batch_size"] == bs))
-    lines.append(
-        f"| {bs} | σ {best['scale']:g}, β {best['ema']:g}: {cell(best)} |"
-        f" {cell(s2)} | σ {b0['scale']:g}: {cell(b0)} | {c} | {lrow} |")
-  return "\n".join(lines)
+    lines.append([
+        bs, f"σ {best['scale']:g}, β {best['ema']:g}: {cell(best)}",
+        cell(s2), f"σ {b0['scale']:g}: {cell(b0)}", c, lrow])
+  return markdown_table(
+      ("batch", "best CDAT σ, β (mean [min–max])", "CDAT σ=2, β=0",
+       "best σ at β=0", "tuned constant (lr)", "line search"), lines,
+      align="rlllll")
 
 
 def minibatch_figure(root: Path, out: Path) -> Path:
@@ -307,8 +309,7 @@ def minibatch_figure(root: Path, out: Path) -> Path:
 
 def runs_table(root: Path, stage: str) -> str:
   """Single train runs ``stage/<variant>/seed=S`` (the ResNet)."""
-  lines = ["| variant | final loss, mean [min–max] | final lr | test acc |"
-           " s/run |", "|---|---|---:|---:|---:|"]
+  lines = []
   for vdir in sorted((root / stage).iterdir()):
     if not vdir.is_dir():
       continue
@@ -317,12 +318,14 @@ def runs_table(root: Path, stage: str) -> str:
     if not sums:
       continue
     row = spread([_loss(s) for s in sums])
-    lines.append(
-        f"| {vdir.name} | {format_spread(row)} ({len(sums)} seeds) |"
-        f" {_mm([s.get('final_learning_rate') for s in sums])} |"
-        f" {_mm([s.get('test_accuracy') for s in sums])} |"
-        f" {statistics.fmean(s['seconds'] for s in sums):.0f} |")
-  return "\n".join(lines)
+    lines.append([
+        vdir.name, f"{format_spread(row)} ({len(sums)} seeds)",
+        _mm([s.get("final_learning_rate") for s in sums]),
+        _mm([s.get("test_accuracy") for s in sums]),
+        f"{statistics.fmean(s['seconds'] for s in sums):.0f}"])
+  return markdown_table(
+      ("variant", "final loss, mean [min–max]", "final lr", "test acc",
+       "s/run"), lines, align="llrrr")
 
 
 def runs_figure(root: Path, stage: str, out: Path, title: str = "") -> Path:
