@@ -36,11 +36,18 @@ from __future__ import annotations
 
 from cdat_fast.hlo import (  # noqa: F401  (importable from here)
     COLLECTIVES, HOST_TRANSFER_OPS, hlo_collectives, merge_async_copies)
-from cdat_fast.meshes import (AXES, BATCH_AXES, batch_sharding,
-                              init_distributed, make_mesh, param_shardings,
-                              param_spec, parse_mesh_spec, replicate,
-                              shard_batch, shard_params, state_shardings)
+from cdat_fast import meshes as _meshes
+from cdat_fast.meshes import (batch_sharding, init_distributed, make_mesh,
+                              param_shardings, param_spec, parse_mesh_spec,
+                              replicate, shard_batch, shard_params,
+                              state_shardings)
 from cdat_fast.sharded_step import TrainStep, make_train_step
+
+#: Mesh axes, outermost first. ``model`` is innermost so that its (most
+#: frequent) collectives run between neighbouring devices.
+AXES = _meshes.AXES
+#: The axes the batch's leading dimension is split over.
+BATCH_AXES = _meshes.BATCH_AXES
 
 __all__ = [
     "AXES", "BATCH_AXES", "parse_mesh_spec", "make_mesh", "param_spec",
