@@ -317,6 +317,7 @@ def run_problem(problem: Problem, variants=DEFAULT_VARIANTS, steps=300,
     compiled = jax.jit(step).lower(problem.params, state,
                                    problem.batch).compile()
     log(f"  {problem.name}/{name}: compiled in {time.perf_counter() - t:.1f}s")
+    jax.block_until_ready(compiled(problem.params, state, problem.batch))
     runs[name] = _chunk_runner(compiled, problem.params, state, problem.batch,
                                chunk)
   timings = side_by_side(runs, base="gd", rounds=steps // chunk, warmup=0)
