@@ -1,8 +1,11 @@
 """Estimators of CDAT's curvature ``uᵀ∇²f(w)u``, one module each.
 
 :func:`cdat_fast.scale_by_cdat` composes the rule with one of them
-(``curvature=``); ``cdat(base, curvature="exact"|"gauss_newton"|"secant",
-every=k)`` builds them by name. Each module holds an estimator's maths, its
+(``curvature=``), each with its own knobs (``every(k, refresh_steps=1)``,
+``secant(ema=0.5)``); :func:`cdat_fast.cdat.make_estimator` builds them by
+name (``"exact"``, ``"gauss_newton"``, ``"secant"``, ``"finite_difference"``,
+on a sub-batch with ``fraction=``), as ``cdat(base, curvature=name,
+every=k)`` does. Each module holds an estimator's maths, its
 cost and its safeguards; what each keeps of exact CDAT's quality and what it
 costs is measured in ``docs/curvature.md``.
 
