@@ -2,11 +2,11 @@
 
 Compile-time estimates only (nothing runs): each step is compiled for an H100
 (sm_90, ``cdat_fast.compile_targets.gpu_target("h100")``) from a CPU host,
-and ``compiled.as_text()`` is read kernel by kernel (``cdat_fast.hlo``). A kernel is every
-instruction of a non-fused computation that launches work: each fusion,
-custom call (cuBLAS gemms, the Pallas/Triton kernels), dot, convolution,
-copy, reduce, etc. (parameters, constants, bitcasts, tuples and
-get-tuple-elements are free). Per kernel:
+and ``compiled.as_text()`` is read kernel by kernel (``cdat_fast.hlo``). A
+kernel is every instruction of a non-fused computation that launches work:
+each fusion, custom call (cuBLAS gemms, the Pallas/Triton kernels), dot,
+convolution, copy, reduce, etc. (parameters, constants, bitcasts, tuples
+and get-tuple-elements are free). Per kernel:
 
 - bytes = sizes of its operands + its results (each read or written once;
   an upper bound where a fusion reads a slice, a lower one where a tile is

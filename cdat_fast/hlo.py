@@ -6,7 +6,7 @@ holds one computation per block::
   %fused_computation (p.0: f32[8,4]) -> f32[8] { ... }
   ENTRY %main.12 (p.1: f32[8,4]) -> (f32[8], f32[]) {
     %p.1 = f32[8,4]{1,0} parameter(0)
-    %all-reduce.3 = f32[8]{0} all-reduce(%fusion.2), replica_groups=[2,2]<=[4], to_apply=%add
+    %all-reduce.3 = f32[8]{0} all-reduce(%fusion.2), replica_groups=[2,2]<=[4]
     ROOT %tuple.4 = (f32[8]{0}, f32[]) tuple(%all-reduce.3, %c.1)
   }
 
