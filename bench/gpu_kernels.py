@@ -47,9 +47,10 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 MODES = ("base", "exact", "sub16_gn")
 # (model, rows): the MLP's batch, NanoLM's sequence length T (batch 16).
 STEP_GROUPS = (("mlp", 1024), ("nanolm", 256), ("mlp", 4096), ("nanolm", 1024))
-TINY_STEPS = {"mlp": (16, dict(features=(32, 32))),
-              "nanolm": (8, dict(num_layers=1, num_heads=2, head_size=8,
-                                 embed_size=16))}
+# --interpret: (rows divided by, tiny model) per model.
+TINY_STEPS = {"mlp": (64, dict(features=(32, 32))),
+              "nanolm": (32, dict(num_layers=1, num_heads=2, head_size=8,
+                                  embed_size=16))}
 HEADERS = {"layers": ("layer", "dtype", "impl", "µs per call",
                       "÷ XLA (min-max)"),
            "steps": ("model", "rows", "dtype", "step", "ms per step",
@@ -202,7 +203,7 @@ def groups(args):
             layer_programs, case, DTYPES[dtype], args.interpret), "xla")
                 for layer, case in layer_cases(args.interpret).items()]
       for model, rows in STEP_GROUPS if section == "steps" else ():
-        run_rows = TINY_STEPS[model][0] if args.interpret else rows
+        run_rows = rows // TINY_STEPS[model][0] if args.interpret else rows
         make = lambda m=model, r=run_rows, d=DTYPES[dtype]: {  # noqa: E731
             f"{kind} {mode}": model_step(m, kind == "fused", r, mode, d,
                                          args.interpret)
