@@ -260,7 +260,7 @@ def _names(valid):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sections", type=_names(HEADERS), default="layers,steps")
   p.add_argument("--dtypes", type=_names(DTYPES), default="f32,bf16")
   p.add_argument("--modes", type=_names(MODES), default=",".join(MODES))
@@ -273,6 +273,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if "base" not in args.modes:
     p.error("--modes: base is needed (the steps' base)")
+  if args.rounds < 1:
+    p.error(f"--rounds must be at least 1, got {args.rounds}")
   args.only = [o for o in args.only.split(",") if o]
   return args
 

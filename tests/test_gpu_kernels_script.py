@@ -114,7 +114,7 @@ def test_a_failing_program_is_reported_and_the_rest_timed(script):
 
 def test_bad_options_are_named(script, capsys):
   for argv in (["--dtypes", "f64"], ["--sections", "models"],
-               ["--modes", "exact"]):
+               ["--modes", "exact"], ["--rounds", "0"]):
     with pytest.raises(SystemExit):
       script.parse_args(argv)
     assert argv[0] in capsys.readouterr().err
