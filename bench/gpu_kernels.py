@@ -6,24 +6,22 @@
       [--markdown FILE]
   python bench/gpu_kernels.py --interpret   # tiny sizes, Pallas' interpreter
 
-``layers``: one layer's jet at bench/roofline.py's layer sizes, the fused
-kernel per GPU backend (``triton``; ``mosaic_gpu`` where the kernel takes
-``gpu_backend=``) against XLA's jvp of a jvp of the plain layer (the base).
-``steps``: a training step of an MLP (784->1024x3->10, 1024 and 4096 rows)
-and the paper's NanoLM (batch 16, T = 256 and 1024 rows): ``base`` (value,
-gradient, SGD), ``exact`` (``cdat(sgd(1))``), ``sub16_gn``
-(``subbatch(1/16, inner=gauss_newton())``), fused layers and XLA's; the base
-is XLA's base step. Each group is compiled (what does not compile or run is
-reported, the rest timed), then timed by bench/common.py's ``side_by_side``
-(interleaved rounds; ratios: each round's time over the base's); a round
-runs each program ``inner`` times, about 20 ms of the base, so that a small
-kernel is not timed as dispatch. The tables, rewritten after each group (an
-outer ``timeout`` keeps what was measured): µs per call (median) and the
-median per-round ratio (min-max). The roofline model to read them against
-is bench/roofline.py; the kernels' numbers are checked by the ``gpu`` tests
-of tests/test_kernels_gpu.py (``bash bench/device_check.sh`` runs both).
-Exit status 1 when a program does not compile or run, else 0 (also without
-a GPU and ``--interpret``: it says so and measures nothing).
+``layers``: each fused kernel (``triton``; ``mosaic_gpu`` where it takes
+``gpu_backend=``) at bench/roofline.py's layer sizes against XLA's jvp of a
+jvp of the plain layer. ``steps``: a training step of an MLP (784->1024x3->10,
+1024 and 4096 rows) and the paper's NanoLM (batch 16, T = 256 and 1024) in
+modes ``base`` (SGD), ``exact`` (``cdat(sgd(1))``) and ``sub16_gn``
+(``subbatch(1/16, inner=gauss_newton())``), fused layers and XLA's, against
+XLA's base step. Each group is compiled (failures reported, the rest timed),
+then timed by bench/common.py's ``side_by_side``: interleaved rounds, each
+round's time over the base's; a round calls each program about 20 ms of the
+base's worth, so small kernels are not timed as dispatch. The tables (µs
+per call, median per-round ratio and its range) are rewritten after each
+group, so an outer ``timeout`` keeps what was measured. Read them beside
+bench/roofline.py's model; the kernels' numbers are checked by the ``gpu``
+tests of tests/test_kernels_gpu.py (``bash bench/device_check.sh`` runs
+both). Exit status 1 when a program does not compile or run, else 0 (also
+without a GPU and ``--interpret``: it says so and measures nothing).
 """
 from __future__ import annotations
 
