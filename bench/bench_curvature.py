@@ -123,8 +123,8 @@ from cdat_fast.estimators import interface
 # pylint: disable=g-bad-import-order
 import parabolic
 from common import gmean, markdown_table, side_by_side, write_json
-from problems import HELD_OUT, POOL, PROBLEMS, Problem, make_problems
-from problems import minibatches
+from bench_problems import HELD_OUT, POOL, PROBLEMS, Problem, make_problems
+from bench_problems import minibatches
 
 # The fast-mode target (time ≤ TIME_TARGET × gd, loss gmean ≤ LOSS_TARGET ×
 # exact, on every problem).

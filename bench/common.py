@@ -10,7 +10,7 @@
 
 The scripts are run as ``python bench/NAME.py``, so this folder is on
 ``sys.path`` and they import ``from common import ...``. The benchmark
-problems they share are in ``problems.py``.
+problems they share are in ``bench_problems.py``.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ from cdat_fast import estimators
 # pylint: disable=g-bad-import-order
 from bench_curvature import jvp_steps, make_variant
 from common import gmean, markdown_table, side_by_side
-from problems import make_problems, minibatches
+from bench_problems import make_problems, minibatches
 
 INF = float("inf")
 # name -> (the bench_curvature variant it builds on, cdat keyword arguments

@@ -47,7 +47,7 @@ from cdat_fast.curvature import directional_derivatives
 from cdat_fast.estimators.interface import Objective
 
 from common import markdown_table, platform_line
-from problems import cast, make_problems
+from bench_problems import cast, make_problems
 
 MODELS = ("mlp", "nanolm", "mlp_gelu", "vit")
 STEPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)

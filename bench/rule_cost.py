@@ -35,7 +35,7 @@ from cdat_fast import estimators
 # pylint: disable=g-bad-import-order
 import bench_curvature
 from common import markdown_table, platform_line, side_by_side
-from problems import PROBLEMS, make_problems
+from bench_problems import PROBLEMS, make_problems
 
 
 def forward_only(mu: float = 1e-2) -> estimators.CurvatureEstimator:

@@ -28,7 +28,7 @@ from cdat_fast.estimators.subbatch import every_mth_row
 
 # pylint: disable=g-bad-import-order
 from common import markdown_table, platform_line, side_by_side
-from problems import PROBLEMS, make_problems
+from bench_problems import PROBLEMS, make_problems
 
 
 def _rows(batch, k):

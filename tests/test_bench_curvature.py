@@ -19,12 +19,12 @@ sys.path.insert(0, str(BENCH))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_curvature
 import common
-import problems
+import bench_problems
 
 
 @functools.lru_cache(maxsize=None)
 def _mlp():
-  return problems.make_problems(("mlp",))[0]
+  return bench_problems.make_problems(("mlp",))[0]
 
 
 @pytest.mark.parametrize("variant", bench_curvature.VARIANTS)
