@@ -61,7 +61,7 @@ counter on the host each step), its periodic inverse and damping updates
 (every 5 steps; a round is 10 steps) and a stochastic curvature-propagation
 pass for the K-FAC factors.
 
-kfac's learning rate multiplies :math:`\Delta_t = C_t^{-1} \nabla f`, not
+kfac's learning rate multiplies :math:`\\Delta_t = C_t^{-1} \\nabla f`, not
 the gradient, so its magnitude is not comparable with a gradient-descent
 learning rate (nor with CDAT's on GD); the final loss is the comparable
 number.
