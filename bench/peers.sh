@@ -24,7 +24,7 @@
 set -u
 OUT=${OUT:-runs/peers}
 SEEDS=${SEEDS:-3}
-STAGES=${STAGES:-"peers_minibatch_64 peers_minibatch_256 peers_nanolm peers_mlp peers_minibatch_1024 peers_transformer peers_cost"}
+STAGES=${STAGES:-"peers_minibatch_64 peers_minibatch_256 peers_minibatch_256_adam peers_nanolm peers_mlp peers_minibatch_1024 peers_transformer peers_cost"}
 FASHION_MNIST=${FASHION_MNIST:-}
 SHAKESPEARE=${SHAKESPEARE:-}
 if [[ ! -d $FASHION_MNIST ]]; then
@@ -64,6 +64,16 @@ minibatch() {  # minibatch B: GD; CDAT σ=2 and σ tuned, exact and on B/16 rows
     --seeds "$SEEDS" --overwrite --out "$OUT/peers_minibatch_$bs"
 }
 
+minibatch_adam() {  # minibatch B with Adam: the peers built on Adam, CDAT on Adam
+  local bs=$1
+  cdat-fast compare "${MLP[@]}" --steps 800 --batch-size "$bs" --base adam \
+    --lr 0.001 --lr-exponents -2 2 --schedules none \
+    --curvature-batch $((bs / 16)) --cdat-scales 0.5,1,2 --ema 0.9 \
+    --schedule-free-warmups 0 \
+    --variants "cdat_tuned,cdat_2,cdat_tuned_fast,cdat_2_fast,schedule_free,schedule_free_tuned,momo" \
+    --seeds "$SEEDS" --overwrite --out "$OUT/peers_minibatch_${bs}_adam"
+}
+
 nanolm() {  # Adam on 2048 blocks, minibatches of 64
   cdat-fast compare --dataset shakespeare --data-dir "$SHAKESPEARE" \
     --subset 2048 --batch-size 64 --model nanolm-small --base adam \
@@ -95,6 +105,7 @@ cost() {  # time per step against the base step, side by side in one process
 
 stage peers_minibatch_64 minibatch 64
 stage peers_minibatch_256 minibatch 256
+stage peers_minibatch_256_adam minibatch_adam 256
 stage peers_nanolm nanolm
 stage peers_mlp full_batch
 stage peers_minibatch_1024 minibatch 1024

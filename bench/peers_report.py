@@ -39,6 +39,8 @@ PROBLEMS = {  # folder: (title, compare's base line, test metric)
                             "test acc"),
     "peers_minibatch_1024": ("Fashion-MNIST MLP, batch 1024", "constant",
                              "test acc"),
+    "peers_minibatch_256_adam": ("Fashion-MNIST MLP, batch 256, Adam",
+                                 "constant", "test acc"),
     "peers_nanolm": ("NanoLM on Shakespeare, Adam, batch 64", "constant",
                      "test acc"),
     "peers_transformer": ("Stock flax transformer on Shakespeare, Adam",
@@ -51,8 +53,9 @@ COSTS = {"peers_mlp": "mlp.json", "peers_minibatch_256": "batch256.json",
 class Variant:
   """One line of a problem: its label, setting and per-seed runs."""
 
-  def __init__(self, label, setting, losses, metrics, curves, seconds):
-    self.label, self.setting = label, setting
+  def __init__(self, label, setting, losses, metrics, curves, seconds,
+               base=""):
+    self.label, self.setting, self.base = label, setting, base
     self.losses, self.metrics = losses, metrics  # per seed
     self.curves, self.seconds = curves, seconds  # per seed
 
@@ -82,8 +85,16 @@ def load_compare(folder: pathlib.Path) -> list[Variant]:
     out.append(Variant(
         row["label"], row["setting"], [s["final_loss"] for s in sums],
         [s.get("test_accuracy") for s in sums], [_history(d) for d in dirs],
-        [s["seconds"] / max(s["steps"], 1) for s in sums]))
+        [s["seconds"] / max(s["steps"], 1) for s in sums], _base(dirs[0])))
   return out
+
+
+def _base(run_dir: pathlib.Path) -> str:
+  """The base optimizer a run stepped with (its ``config.json``)."""
+  path = run_dir / "config.json"
+  if not path.exists():
+    return ""
+  return json.loads(path.read_text())["optimizer"]["base"]
 
 
 def _local(folder: pathlib.Path, written: str) -> pathlib.Path:
@@ -139,7 +150,7 @@ def rows(variants: list[Variant], base: str, cost: dict | None) -> list:
     steps = statistics.median([h for h, _ in got]) if got else None
     wall = statistics.median([h * s for h, s in got]) if got else None
     ratio = _cost(cost, v.label)
-    out.append([v.label, _spread(v.losses), _spread(v.metrics),
+    out.append([v.label, v.base, _spread(v.losses), _spread(v.metrics),
                 "-" if steps is None else f"{steps:g} ({len(got)}/"
                 f"{len(hits)})", "-" if wall is None else f"{wall:.1f}",
                 ratio, v.setting])
@@ -200,7 +211,7 @@ def report(runs: pathlib.Path, figures: pathlib.Path | None) -> str:
     elif name in COSTS and (runs / "peers_cost" / COSTS[name]).exists():
       cost = json.loads((runs / "peers_cost" / COSTS[name]).read_text())[
           "results"]
-    header = ["variant", "final train loss", metric, "steps to constant",
+    header = ["variant", "base", "final train loss", metric, "steps to constant",
               "s to constant", "time/step ÷ base", "setting"]
     parts.append(f"### {title}\n\n" + markdown_table(
         header, rows(variants, base, cost)))
