@@ -178,10 +178,12 @@ def figure(variants: list[Variant], title: str, path: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(9, 5.5))
   colours = plt.get_cmap("tab20").colors
   styles = ["-", "--", ":", "-."]
+  drawn = []
   for i, v in enumerate(variants):
     curves = [_smooth(c) for c in v.curves if c is not None]
-    if not curves:
+    if not curves or v.losses in drawn:  # a tuned line that chose the default
       continue
+    drawn.append(v.losses)
     n = min(len(c) for c in curves)
     mean = np.mean([c[:n] for c in curves], axis=0)
     mean = np.where(np.isfinite(mean), mean, np.nan)
