@@ -46,6 +46,8 @@ PROBLEMS = {  # folder: (title, compare's base line, test metric)
     "peers_transformer": ("Stock flax transformer on Shakespeare, Adam",
                           "adam", "held-out loss"),
 }
+PEERS = ("schedule_free", "prodigy", "dadapt", "dog", "mechanic", "cocob",
+         "momo", "gen")  # at their published defaults
 COSTS = {"peers_mlp": "mlp.json", "peers_minibatch_256": "batch256.json",
          "peers_nanolm": "nanolm.json"}
 
@@ -197,9 +199,41 @@ def figure(variants: list[Variant], title: str, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _mean(v: Variant) -> float:
+  return (statistics.fmean(v.losses) if all(map(math.isfinite, v.losses))
+          else math.inf)
+
+
+def _best(variants, keep) -> tuple[float, str]:
+  """The lowest mean final loss among the variants ``keep`` accepts."""
+  got = [(_mean(v), v.label) for v in variants if keep(v.label)]
+  return min(got) if got else (math.nan, "-")
+
+
+def summary_row(title: str, variants: list[Variant], base: str) -> list:
+  """A problem's line: the constant, CDAT's lines, the best peers (× it)."""
+  ref, _ = _best(variants, lambda n: n.startswith(base))
+  fast = lambda n: n.startswith("cdat") and ("fast" in n or "_fd" in n)
+  exact = lambda n: n.startswith("cdat") and not fast(n)
+  sigma2 = lambda n: n in ("cdat_2", "cdat_2_fast", "cdat_fd_2",
+                           "cdat_exact_2")
+  peer = lambda n: not (n.startswith(("cdat", "constant", base)))
+
+  def cell(keep, named=False):
+    loss, label = _best(variants, keep)
+    if not math.isfinite(loss):
+      return "diverged" if label != "-" else "-"
+    return f"{loss:.4g} ({loss / ref:.2f})" + (f" {label}" if named else "")
+  return [title, f"{ref:.4g}",
+          cell(lambda n: exact(n) and sigma2(n)),
+          cell(lambda n: fast(n) and sigma2(n)), cell(exact, True),
+          cell(fast, True), cell(lambda n: n in PEERS, True),
+          cell(peer, True)]
+
+
 def report(runs: pathlib.Path, figures: pathlib.Path | None) -> str:
   """The Markdown of every problem found under ``runs``."""
-  parts = []
+  parts, lines = [], []
   for name, (title, base, metric) in PROBLEMS.items():
     folder = runs / name
     loader = load_transformer if name == "peers_transformer" else load_compare
@@ -207,6 +241,7 @@ def report(runs: pathlib.Path, figures: pathlib.Path | None) -> str:
     if not (folder / needed).exists():
       continue
     variants = loader(folder)
+    lines.append(summary_row(title, variants, base))
     cost = None
     if name == "peers_transformer":
       cost = json.loads((folder / needed).read_text()).get("timing")
@@ -219,7 +254,11 @@ def report(runs: pathlib.Path, figures: pathlib.Path | None) -> str:
         header, rows(variants, base, cost)))
     if figures is not None:
       figure(variants, title, figures / f"{name}.png")
-  return "\n\n".join(parts) + "\n"
+  head = ["problem", "tuned constant", "CDAT σ=2", "CDAT σ=2, fast",
+          "CDAT, best σ", "CDAT fast, best σ", "best peer, defaults",
+          "best peer, tuned"]
+  return "\n\n".join(["### Summary\n\n" + markdown_table(head, lines)]
+                     + parts) + "\n"
 
 
 def main(argv=None) -> int:
