@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import pathlib
+import re
 import statistics
 
 import numpy as np
@@ -166,10 +167,17 @@ def _cost(cost: dict | None, label: str) -> str:
   if label.startswith("cdat") and label in ("cdat_2", "cdat_tuned",
                                             "cdat_2_fast", "cdat_tuned_fast"):
     key = "cdat_sub16_gn" if "fast" in label else "cdat"
-  r = cost.get(label) or cost.get(key)
+  r = cost.get(label) or cost.get(key) or next(
+      (v for k, v in cost.items() if _family(k) == _family(label)), None)
   if not r:
     return "-"
   return f"{r['ratio']:.2f} [{r['ratio_min']:.2f}–{r['ratio_max']:.2f}]"
+
+
+def _family(name: str) -> str:
+  """A variant's name without its settings (``adam_lr=0.001``: ``adam``,
+  ``cdat_fd_2``: ``cdat_fd``): one step's cost whatever they are."""
+  return re.sub(r"(_(lr|warmup|d_coef)=[^_]+)+$|_[0-9.]+$", "", name)
 
 
 def figure(variants: list[Variant], title: str, path: pathlib.Path) -> None:
@@ -254,6 +262,8 @@ def report(runs: pathlib.Path, figures: pathlib.Path | None) -> str:
         header, rows(variants, base, cost)))
     if figures is not None:
       figure(variants, title, figures / f"{name}.png")
+      parts[-1] += (f"\n\nFigure: [`figures/{name}.png`]"
+                    f"(figures/{name}.png).")
   head = ["problem", "tuned constant", "CDAT σ=2", "CDAT σ=2, fast",
           "CDAT, best σ", "CDAT fast, best σ", "best peer, defaults",
           "best peer, tuned"]

@@ -79,3 +79,12 @@ def test_the_table_reads_compare_json_and_times_to_the_constant(report,
   assert rows["prodigy"][5] == "7 (2/2)"
   assert rows["prodigy"][6] == "14.0"
   assert rows["prodigy"][4] == "1.0000 [0.500–1.500]"  # test acc 0.5, 1.5
+
+
+@pytest.mark.parametrize("name, family", [
+    ("adam_lr=0.001", "adam"), ("cdat_fd_0.5", "cdat_fd"),
+    ("schedule_free_lr=0.003_warmup=0", "schedule_free"),
+    ("prodigy_d_coef=0.5", "prodigy"), ("cdat_exact_2", "cdat_exact"),
+    ("dog", "dog")])
+def test_a_variants_family_drops_its_settings(report, name, family):
+  assert report._family(name) == family  # noqa: SLF001
