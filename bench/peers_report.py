@@ -201,6 +201,12 @@ def figure(variants: list[Variant], title: str, path: pathlib.Path) -> None:
             ls=styles[(i // 10) % 4], lw=1.4, label=v.label)
   ax.set(yscale="log", xlabel="step", ylabel="training loss (5-step mean)",
          title=title)
+  starts = [c[0] for v in variants for c in v.curves
+            if c is not None and np.isfinite(c[0])]
+  lows = [np.nanmin(np.where(c > 0, c, np.nan)) for v in variants
+          for c in v.curves if c is not None and np.any(c > 0)]
+  if starts and lows:  # a diverged line would set the scale
+    ax.set_ylim(0.8 * float(np.nanmin(lows)), 2 * float(np.median(starts)))
   ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
