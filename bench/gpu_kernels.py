@@ -40,6 +40,7 @@ import cdat_fast
 from cdat_fast import estimators, kernels
 from cdat_fast.harness import models
 from common import markdown_table, platform_line, side_by_side
+from layers import causal_attention, jet, layer_norm
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 MODES = ("base", "exact", "sub16_gn")
@@ -53,19 +54,6 @@ HEADERS = {"layers": ("layer", "dtype", "impl", "µs per call",
                       "÷ XLA (min-max)"),
            "steps": ("model", "rows", "dtype", "step", "ms per step",
                      "÷ XLA base step (min-max)", "XLA ÷ fused")}
-
-
-def _causal_attention(q, k, v):
-  t = q.shape[-2]
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
-  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
-  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
-
-
-def _layer_norm(x, scale, bias, epsilon=1e-6):
-  xc = x - jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-  return xc * jax.lax.rsqrt(var + epsilon) * scale + bias
 
 
 def layer_cases(tiny: bool) -> dict:
@@ -83,22 +71,11 @@ def layer_cases(tiny: bool) -> dict:
   for shape in [(1, 2, 64, 16)] if tiny else [(2, 8, 2048, 64),
                                               (16, 8, 1024, 32)]:
     cases[f"attention causal {x(shape)}"] = (
-        "attention_jet", {"causal": True}, _causal_attention, [shape] * 3, 3)
+        "attention_jet", {"causal": True}, causal_attention, [shape] * 3, 3)
   for rows, d in [(32, 128)] if tiny else [(1024, 1024), (4096, 1024)]:
-    cases[f"layer_norm {rows}x{d}"] = ("layer_norm_jet", {}, _layer_norm,
+    cases[f"layer_norm {rows}x{d}"] = ("layer_norm_jet", {}, layer_norm,
                                        [(rows, d), (d,), (d,)], 1)
   return cases
-
-
-def jet(f, n: int, k: int):
-  """XLA's jvp of a jvp of ``f`` (``n`` primals): (primals, tangents, second
-  tangents of the first ``k`` primals) -> (y, dy, ddy), as the kernels."""
-  def run(*args):
-    p, d, dd = args[:n], args[n:2 * n], args[2 * n:]
-    inner = lambda *pd: jax.jvp(f, pd[:n], pd[n:] + d[k:])  # noqa: E731
-    (y, dy), (_, ddy) = jax.jvp(inner, p + d[:k], d + dd)
-    return y, dy, ddy
-  return run
 
 
 def layer_programs(case, dtype, interpret):

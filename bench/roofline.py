@@ -62,6 +62,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from cdat_fast import compile_targets, hlo  # noqa: E402
+from layers import causal_attention, jet, layer_norm  # noqa: E402
 
 PEAK_BF16 = 790e12
 PEAK_F32 = 495e12  # TF32 tensor cores, H100 SXM
@@ -272,49 +273,6 @@ def model_step(model_name: str, fused: bool, rows: int, mode: str,
   return step, (params, state, inputs, labels), model_name == "nanolm"
 
 
-def _jet(f, n_primal):
-  """XLA's jvp-of-jvp of ``f``: (primals, tangents, second tangent of the
-  first primal) -> (y, dy, ddy), what the fused kernels compute."""
-  def run(*args):
-    primals, tangents = args[:n_primal], args[n_primal:2 * n_primal]
-    ddx = args[2 * n_primal]
-
-    def inner(*p_and_dx):
-      p, dx = p_and_dx[:n_primal], p_and_dx[n_primal]
-      return jax.jvp(f, p, (dx,) + tuple(tangents[1:]))
-    outer_t = tuple(tangents) + (ddx,)
-    (y, dy), (_, ddy) = jax.jvp(inner, tuple(primals) + (tangents[0],),
-                                outer_t)
-    return y, dy, ddy
-  return run
-
-
-def _jet_all(f, n):
-  """XLA's jvp-of-jvp of ``f`` with second tangents of every primal:
-  (primals, tangents, second tangents) -> (y, dy, ddy)."""
-  def run(*args):
-    p, d, dd = args[:n], args[n:2 * n], args[2 * n:3 * n]
-    inner = lambda *pd: jax.jvp(f, pd[:n], pd[n:])
-    (y, dy), (_, ddy) = jax.jvp(inner, p + d, d + dd)
-    return y, dy, ddy
-  return run
-
-
-def _causal_attention(q, k, v):
-  t = q.shape[-2]
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
-  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
-  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
-
-
-def _layer_norm(x, scale, bias, epsilon=1e-6):
-  """The textbook layer norm (two-pass variance) in the dtype of ``x``."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  xc = x - mean
-  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-  return xc * jax.lax.rsqrt(var + epsilon) * scale + bias
-
-
 LAYER_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -341,7 +299,7 @@ def layer_cases(dtypes=None):
     for t in (1024, 4096):
       x, v = _spec((t, 1024), dtype), _spec((1024,), dtype)
       cases[f"layer_norm {t}x1024 {tag}"] = (
-          kernels.layer_norm_jet, _jet(_layer_norm, 3),
+          kernels.layer_norm_jet, jet(layer_norm, 3, 1),
           (x, v, v, x, v, v, x), False)
   for tag in tags:
     dtype, sfx = LAYER_DTYPES[tag], ("" if tag == "f32" else f" {tag}")
@@ -349,21 +307,21 @@ def layer_cases(dtypes=None):
       x, w, b = (_spec((m, k), dtype), _spec((k, n), dtype),
                  _spec((n,), dtype))
       cases[f"dense {m}x{k}->{n}{sfx}"] = (
-          kernels.dense_jet, _jet(lambda x, w, b: x @ w + b, 3),
+          kernels.dense_jet, jet(lambda x, w, b: x @ w + b, 3, 1),
           (x, w, b, x, w, b, x), False)
   for tag in tags:
     dtype, sfx = LAYER_DTYPES[tag], ("" if tag == "f32" else f" {tag}")
     x = _spec((8192, 4096), dtype)
     cases[f"gelu 8192x4096{sfx}"] = (
         lambda *a: kernels.activation_jet(*a, activation="gelu"),
-        _jet(lambda x: jax.nn.gelu(x), 1), (x, x, x), False)
+        jet(jax.nn.gelu, 1, 1), (x, x, x), False)
   for tag in tags:
     dtype, sfx = LAYER_DTYPES[tag], ("" if tag == "f32" else f" {tag}")
     for b, h, t, d in [(2, 8, 2048, 64), (16, 8, 1024, 32)]:
       x = _spec((b, h, t, d), dtype)
       cases[f"attention causal {b}x{h}x{t}x{d}{sfx}"] = (
           lambda *a: kernels.attention_jet(*a, causal=True),
-          _jet_all(_causal_attention, 3), (x,) * 9, True)
+          jet(causal_attention, 3, 3), (x,) * 9, True)
   return cases
 
 
