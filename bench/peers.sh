@@ -42,18 +42,8 @@ PEERS=schedule_free,schedule_free_tuned,prodigy,prodigy_tuned,dadapt,dadapt_tune
 PEERS=$PEERS,momo,momo_tuned,dog,mechanic,cocob,gen
 mkdir -p "$OUT"
 
-stage() {  # stage NAME COMMAND...: runs once, logs its wall time
-  local name=$1; shift
-  [[ " $STAGES " == *" $name "* ]] || return 0
-  [[ -e "$OUT/$name/done" ]] && { echo "== $name: done already"; return 0; }
-  mkdir -p "$OUT/$name"
-  echo "== $name: start $(date -u +%FT%TZ)" | tee -a "$OUT/times.log"
-  local t0=$SECONDS
-  "$@" > "$OUT/$name/log.txt" 2>&1
-  local rc=$?
-  [[ $rc == 0 ]] && touch "$OUT/$name/done"
-  echo "== $name: $((SECONDS - t0)) s (rc $rc)" | tee -a "$OUT/times.log"
-}
+# shellcheck source=bench/stage.sh
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...
 
 minibatch() {  # minibatch B: GD; CDAT σ=2 and σ tuned, exact and on B/16 rows
   local bs=$1

@@ -54,18 +54,8 @@ FASHION=(--dataset fashion-mnist --data-dir "$FASHION_MNIST" --subset 4096)
 MLP=("${FASHION[@]}" --width 256 --loss squared)
 mkdir -p "$OUT"
 
-stage() {  # stage NAME COMMAND...: runs once, logs its wall time
-  local name=$1; shift
-  [[ " $STAGES " == *" $name "* ]] || return 0
-  [[ -e "$OUT/$name/done" ]] && { echo "== $name: done already"; return 0; }
-  mkdir -p "$OUT/$name"
-  echo "== $name: start $(date -u +%FT%TZ)" | tee -a "$OUT/times.log"
-  local t0=$SECONDS
-  "$@" > "$OUT/$name/log.txt" 2>&1
-  local rc=$?
-  [[ $rc == 0 ]] && touch "$OUT/$name/done"
-  echo "== $name: $((SECONDS - t0)) s (rc $rc)" | tee -a "$OUT/times.log"
-}
+# shellcheck source=bench/stage.sh
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...
 
 best_lr() {  # best_lr COMPARE_JSON: the tuned constant's learning rate
   python -c 'import json,sys; t=json.load(open(sys.argv[1]))["table"];
