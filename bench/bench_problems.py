@@ -119,18 +119,25 @@ def synthetic_text(num_blocks=64, block_size=32, vocab=24, seed=0):
   return blocks[:, :-1], blocks[:, 1:], vocab
 
 
-def stock_decoder(vocab_size: int):
-  """``examples/stock_transformer_linen.py``'s decoder, imported by path."""
-  path = (pathlib.Path(__file__).resolve().parent.parent / "examples"
-          / "stock_transformer_linen.py")
-  spec = importlib.util.spec_from_file_location("stock_transformer_linen",
-                                                path)
+def stock_example():
+  """``examples/stock_transformer_linen.py`` as a module, imported by path
+  (with its folder on the path, for the ``shakespeare_lm`` it imports)."""
+  folder = pathlib.Path(__file__).resolve().parent.parent / "examples"
+  if str(folder) not in sys.path:
+    sys.path.insert(0, str(folder))
+  spec = importlib.util.spec_from_file_location(
+      "stock_transformer_linen", folder / "stock_transformer_linen.py")
   module = sys.modules.setdefault(spec.name,
                                  importlib.util.module_from_spec(spec))
   if not hasattr(module, "Transformer"):
-    spec.loader.exec_module(module)
-  return module.Transformer(vocab_size, width=64, depth=2, num_heads=4,
-                            max_len=32)
+    spec.loader.exec_module(module)  # flax's dataclasses look it up there
+  return module
+
+
+def stock_decoder(vocab_size: int):
+  """``examples/stock_transformer_linen.py``'s decoder."""
+  return stock_example().Transformer(vocab_size, width=64, depth=2,
+                                     num_heads=4, max_len=32)
 
 
 def shakespeare_blocks(n, text=None):

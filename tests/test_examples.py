@@ -34,6 +34,8 @@ VOCAB, BATCH = 13, 16
 def _load(flavour: str):
   """``examples/stock_transformer_<flavour>.py`` as a module (not a package)."""
   name = f"stock_transformer_{flavour}"
+  if str(EXAMPLES) not in sys.path:  # its shared module, shakespeare_lm
+    sys.path.insert(0, str(EXAMPLES))
   spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module  # flax's dataclasses look their module up
