@@ -84,3 +84,13 @@ def test_markdown_table_formats_and_checks_cells():
   assert text == "| x | y |\n|---|---:|\n| a | 1.23 |\n| 2 | - |"
   with pytest.raises(ValueError, match=r"rows\[0\]"):
     common.markdown_table(["x"], [[1, 2]])
+
+
+def test_stock_decoder_is_the_linen_examples():
+  # The held-out problem's model is examples/stock_transformer_linen.py's,
+  # loaded by path with its shared module (examples/shakespeare_lm.py).
+  model = bench_problems.stock_decoder(13)
+  assert type(model).__module__ == "stock_transformer_linen"
+  tokens = np.arange(32, dtype=np.int32)[None] % 13
+  params = model.init(jax.random.key(0), tokens)
+  assert model.apply(params, tokens).shape == (1, 32, 13)
