@@ -49,11 +49,12 @@ bounded by ``4ε_f max|f|/μ²``, and truncation is
 ``≈ |D(2μ) − D(μ)|/3``, since ``D(μ) ≈ D + cμ²`` and ``D(2μ) ≈ D + 4cμ²``.
 Their sum is least where they are equal, at
 ``μ* = μ (rounding/truncation)^{1/4}``; the state keeps ``μ*‖u‖`` for the
-next update, and a measurement off balance by more than 16 (``μ`` off by
-2) is repeated at once at ``μ*`` (moving by at most 10x, ``max_retries``
-times, under ``jax.lax.while_loop``), as Gill, Murray, Saunders & Wright
-choose a finite-difference interval from the errors of a second
-difference. The first update starts from ``μ‖u‖ = ε_f^{1/4}/64
+next update. A measurement off balance by more than 16 (``μ`` off by 2)
+is repeated at once at ``μ*`` (moving by at most 10x, ``max_retries``
+times, under ``jax.lax.while_loop``); with ``tolerance > 0``, only one whose
+estimated relative error also exceeds it. Gill, Murray, Saunders & Wright
+choose a finite-difference interval from the errors of a second difference
+in the same way. The first update starts from ``μ‖u‖ = ε_f^{1/4}/64
 max(‖w‖, 1)``; ``μ‖u‖`` stays within ``[10^{-3}, 64] ×`` that. The
 returned ``D(μ)`` comes with its estimated relative error (the state's
 ``error``). ``step=h`` fixes ``μ‖u‖ = h max(‖w‖, 1)`` instead.
@@ -117,7 +118,7 @@ PyTree = Any
 _PILOT = 1.0 / 64  # first update: μ‖u‖ = _PILOT ε_f^{1/4} max(‖w‖, 1)
 _LONGEST = 1.0  # μ‖u‖ ≤ _LONGEST ε_f^{1/4} max(‖w‖, 1)
 _SHORTEST = 1e-3  # μ‖u‖ ≥ _SHORTEST × the pilot
-_TOLERANCE = 16.0  # re-measure when rounding/truncation is off by more
+_OFF_BALANCE = 16.0  # rounding/truncation off by more: μ is off by > 2
 _MOVE = 10.0  # the length changes by at most this factor per measurement
 _EXPLAINED = 1.25  # the part of D(2μ) − D(μ) that rounding may explain, × r
 
@@ -284,8 +285,8 @@ def next_length(m: Measurement, bounds) -> jax.Array:
 
 
 def _automatic(fn, params, direction, f0, state, unorm, wscale, noise,
-               max_retries):
-  """Measures at the state's length, again while it is off balance.
+               max_retries, tolerance):
+  """Measures at the state's length, again while off balance and inaccurate.
 
   A do-while loop: the measurement (its four forward passes) is traced
   once, whatever ``max_retries``.
@@ -299,8 +300,9 @@ def _automatic(fn, params, direction, f0, state, unorm, wscale, noise,
     runs, length, _, _ = carry
     m = measure(fn, params, direction, f0, length, unorm, noise)
     wanted = next_length(m, bounds)
-    off = (m.balance > _TOLERANCE) | (m.balance < 1 / _TOLERANCE)
-    again = (runs < max_retries) & off & (wanted != length)
+    off = (m.balance > _OFF_BALANCE) | (m.balance < 1 / _OFF_BALANCE)
+    again = ((runs < max_retries) & off & (m.error > tolerance)
+             & (wanted != length))
     return runs + 1, wanted, m, again
 
   zero = jnp.zeros([], dtype)
@@ -310,13 +312,14 @@ def _automatic(fn, params, direction, f0, state, unorm, wscale, noise,
   return m, wanted, runs - 1
 
 
-def _check_arguments(step, noise, max_retries) -> None:
+def _check_arguments(step, noise, max_retries, tolerance) -> None:
   if step is not None:
     checks.check_range("step", step, low=0.0, high=1.0, low_inclusive=False)
   if noise is not None:
     checks.check_range("noise", noise, low=0.0, high=1.0, low_inclusive=False,
                        high_inclusive=False)
   checks.check_int("max_retries", max_retries, low=0)
+  checks.check_range("tolerance", tolerance, low=0.0)
 
 
 def finite_difference(
@@ -324,6 +327,7 @@ def finite_difference(
     *,
     noise: float | None = None,
     max_retries: int = 3,
+    tolerance: float = 0.0,
     reuse_value: bool = False,
 ) -> CurvatureEstimator:
   """``uᵀ∇²f(w)u`` from loss values only (module doc): no forward mode.
@@ -343,9 +347,18 @@ def finite_difference(
       precision than its parameters (e.g. ``1e-3`` for bfloat16 matmuls
       on float32 parameters).
     max_retries: how many times an update may re-measure at once at the
-      balanced step when the one it used was off by more than 2x (the
-      first update starts from a pilot step); 0 only carries the balanced
-      step to the next update.
+      balanced step when the one it used was off by more than 2x and its
+      estimated relative error exceeds ``tolerance`` (the first update
+      starts from a pilot step); 0 only carries the balanced step to the
+      next update.
+    tolerance: ``≥ 0``, the estimated relative error of the curvature above
+      which a measurement off balance is repeated at once; 0 (default)
+      repeats every one off balance. The error estimate reads ReLU kinks as
+      truncation and can be several times too low, so a measurement it
+      passes may still be off. On the bench's ReLU nets tolerance 0
+      re-measured a third of the updates (4 passes each); ``0.05`` kept
+      CDAT's loss in minibatches of 64 at less time per step, but lost in
+      full batch (``bench/RESULTS.md``, "Forward-only curvature").
     reuse_value: use the caller's ``value=f(w)`` instead of evaluating it
       (one forward pass fewer). Only where ``value`` is exactly
       ``value_fn(params)`` on the same batch: a difference ``δ`` enters the
@@ -367,7 +380,7 @@ def finite_difference(
     >>> w = jnp.ones(3)
     >>> u, state = opt.update(jax.grad(f)(w), opt.init(w), w, value_fn=f)
   """
-  _check_arguments(step, noise, max_retries)
+  _check_arguments(step, noise, max_retries, tolerance)
 
   def init(params):
     zero = jnp.zeros([], scalar_dtype(params))
@@ -386,7 +399,7 @@ def finite_difference(
     wscale = jnp.maximum(treemath.norm(params).astype(dtype), 1.0)
     if step is None:
       m, length, tries = _automatic(fn, params, direction, f0, state, unorm,
-                                    wscale, eps, max_retries)
+                                    wscale, eps, max_retries, tolerance)
       curvature, measured_slope, error = m.curvature, m.slope, m.error
     else:
       length = jnp.asarray(step, dtype) * wscale

@@ -272,6 +272,32 @@ def test_forward_passes_counted_at_run_time(kwargs, passes):
   assert retries == 0 and len(calls) == passes
 
 
+def test_tolerance_keeps_accurate_measurements_off_balance():
+  # From a step 8x shorter than the balanced one, rounding is ~64x
+  # truncation (off balance, past 16) but still ~1% of the curvature:
+  # tolerance=0.05 keeps that measurement (5 passes) and carries a longer
+  # step on; the default (0) repeats it at once at the balanced step.
+  f = lambda w: jnp.sum(jnp.cosh(w))
+  rng = np.random.RandomState(0)
+  w = jnp.asarray(rng.randn(8), jnp.float32)
+  u = jnp.asarray(rng.randn(8), jnp.float32)
+  _, balanced = _settled(estimators.finite_difference(), f, w, u)
+  short = fd_module.FiniteDifferenceState(
+      balanced.length / 8, jnp.float32(0), jnp.int32(0))
+  (_, _, kept), state = _update(estimators.finite_difference(tolerance=0.05),
+                                f, w, u, short)
+  assert int(state.num_retries) == 0
+  assert 1e-3 < float(state.error) < 0.05
+  assert float(state.length) > 4 * float(short.length)
+  expect = _exact(f, w, u)
+  assert abs(float(kept) - expect) <= 2 * float(state.error) * abs(expect)
+  (_, _, repeated), again = _update(estimators.finite_difference(), f, w, u,
+                                    short)
+  assert int(again.num_retries) >= 1
+  assert float(again.error) < float(state.error)
+  assert abs(float(repeated) - expect) < abs(float(kept) - expect)
+
+
 def test_reused_value_gives_the_same_curvature():
   loss, params, _ = tiny_mlp(seed=6)
   u = _descent(loss, params)
@@ -408,7 +434,9 @@ def test_non_finite_losses_skip_the_step_and_never_reach_the_parameters():
     (dict(step=2.0), "step"), (dict(step=float("nan")), "step"),
     (dict(noise=0.0), "noise"), (dict(noise=1.0), "noise"),
     (dict(max_retries=-1), "max_retries"),
-    (dict(max_retries=1.5), "max_retries")])
+    (dict(max_retries=1.5), "max_retries"),
+    (dict(tolerance=-0.1), "tolerance"),
+    (dict(tolerance=float("nan")), "tolerance")])
 def test_bad_arguments_are_named(kwargs, name):
   with pytest.raises(ValueError, match=name) as e:
     estimators.finite_difference(**kwargs)
