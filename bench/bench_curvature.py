@@ -55,9 +55,11 @@ and each variant (CDAT with ``σ = 2`` unless said otherwise)
 ``sub16_fd``          ``m`` = 4, 16
 ``sub16_fd3``         the same at 1/16 with a fixed step,
                       ``finite_difference(step=1e-3)`` (3 passes)
-``sub16_fd_t05``      ``sub16_fd`` with ``tolerance=0.05``: a measurement
-                      off balance is repeated at once only if its estimated
-                      error exceeds 5%
+``sub16_fd_t0``       ``sub16_fd`` with ``tolerance=0``: every measurement
+                      off balance is repeated at once
+``sub16_fd_raw``      ``sub16_fd_t0`` with ``upper=False`` (the difference
+                      itself, not plus its estimated error)
+``sub16_fd3_raw``     ``sub16_fd3`` with ``upper=False``
 ``gen``               GeN's parabola through ``w ∓ η_{t−1}u``, ``w``, refitted
                       every 4 steps, smoothed (``parabolic.gen``, bench only)
 ``pal``               PAL's parabola from ``f(w)``, ``gᵀu`` and ``f`` at 0.1
@@ -179,7 +181,11 @@ _CDAT_VARIANTS: dict[str, Callable[["Problem"], tuple[dict, str]]] = {
     "sub4_fd": lambda pr: (_fd(pr, 4), "value"),
     "sub16_fd": lambda pr: (_fd(pr, 16), "value"),
     "sub16_fd3": lambda pr: (_fd(pr, 16, step=1e-3), "value"),
-    "sub16_fd_t05": lambda pr: (_fd(pr, 16, tolerance=0.05), "value"),
+    "sub16_fd_t0": lambda pr: (_fd(pr, 16, tolerance=0.0), "value"),
+    "sub16_fd_raw": lambda pr: (_fd(pr, 16, upper=False, tolerance=0.0),
+                                "value"),
+    "sub16_fd3_raw": lambda pr: (_fd(pr, 16, step=1e-3, upper=False),
+                                 "value"),
     "gen": lambda _: (dict(curvature=parabolic.gen()), "value"),
     "pal": lambda pr: (dict(curvature=parabolic.pal(scale=pr.scale)),
                        "value"),

@@ -2,9 +2,9 @@
 
 For each model, at initialisation and after ``--train`` steps of gradient
 descent (learning rate 0.5), with ``u = −∇f(w)`` on the full batch, prints
-the relative error ``|D − uᵀ∇²f u| / |uᵀ∇²f u|`` of
-``estimators.finite_difference`` against the exact ``uᵀ∇²f(w)u`` (a jvp of
-a jvp in float64 at the same parameters):
+the relative error ``|D − uᵀ∇²f u| / |uᵀ∇²f u|`` of the difference ``D``
+(``estimators.finite_difference(upper=False)``) against the exact
+``uᵀ∇²f(w)u`` (a jvp of a jvp in float64 at the same parameters):
 
 * at fixed steps ``step=h`` (``μ‖u‖ = h max(‖w‖, 1)``), ``h`` from 1e-5 to
   1e-1;
@@ -89,11 +89,11 @@ def row(w, f, noise, f64):
   obj = Objective("bench", value_fn=f)
 
   def at(w, u, h):
-    fixed = estimators.finite_difference(step=h, noise=noise)
+    fixed = estimators.finite_difference(step=h, noise=noise, upper=False)
     return fixed.update(fixed.init(w), w, u, obj)[0].curvature
 
   at = jax.jit(at)
-  auto = estimators.finite_difference(noise=noise)
+  auto = estimators.finite_difference(noise=noise, upper=False)
   update = jax.jit(lambda s, w, u: auto.update(s, w, u, obj))
   a_est, a_state = update(auto.init(w), w, u)
   settled, s_state = a_est, a_state

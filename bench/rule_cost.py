@@ -12,10 +12,9 @@ Variants: ``floor`` (CDAT's rule with a free curvature; ``floor_norm``
 with its ``‖u‖²`` computed by a pass over ``u``),
 ``sub16_gn`` (``subbatch(1/16, inner=gauss_newton())``), ``sub16_fwd`` (the
 sub-batch with the plain forward-only central difference below: three
-forward passes and nothing else), ``sub16_fd`` (the sub-batch with
-``estimators.finite_difference()``, where the library has it; ``sub16_fd3``
-with its fixed step, three passes) and any variant name of
-``bench_curvature.py``; a sub-batch variant with ``_waits`` appended has
+forward passes and nothing else) and any variant name of
+``bench_curvature.py`` (``sub16_fd``: ``estimators.finite_difference()`` on
+the sub-batch, ``sub16_fd3`` with its fixed step, three passes); a sub-batch variant with ``_waits`` appended has
 its rows wait for ``gᵀu`` on CPU too, as they did before the wait was left
 to GPU and TPU programs (``sub16_gn_waits``).
 
@@ -76,14 +75,10 @@ def variant_step(problem, name):
     return bench_curvature.make_variant(problem, "floor", extra=dict(
         curvature=bench_curvature.constant_curvature(
             2.0 / problem.gd_learning_rate, from_slope=False)))
-  inner = {"sub16_fwd": forward_only,
-           "sub16_fd": lambda: estimators.finite_difference(),
-           "sub16_fd3": lambda: estimators.finite_difference(step=1e-3),
-           }.get(name)
-  if inner is None:
+  if name != "sub16_fwd":
     return bench_curvature.make_variant(problem, name)
   return bench_curvature.make_variant(problem, "sub16", extra=dict(
-      curvature=estimators.subbatch(1 / 16, inner=inner())))
+      curvature=estimators.subbatch(1 / 16, inner=forward_only())))
 
 
 def _chunk(fn, carry, batch, chunk):
@@ -118,8 +113,7 @@ def measure(problem, variants, rounds, chunk):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default=",".join(PROBLEMS))
-  parser.add_argument("--variants", default="floor,sub16_gn,sub16_fwd" + (
-      ",sub16_fd" if hasattr(estimators, "finite_difference") else ""))
+  parser.add_argument("--variants", default="floor,sub16_gn,sub16_fwd,sub16_fd")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--chunk", type=int, default=10)
   args = parser.parse_args(argv)

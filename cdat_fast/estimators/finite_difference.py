@@ -21,7 +21,8 @@ The automatic step (the default) evaluates ``f(w)`` and ``f`` at
 ``w ± μu`` and ``w ± 2μu``: 5 passes per update, 4 with
 ``reuse_value=True`` when the caller passes ``value=f(w)`` (full batch
 only: ``subbatch`` and ``every`` never pass it on); a step re-measured at
-once (below: the first update, or after a jump of the landscape) adds 4.
+once (below: an inaccurate step, as the first update's pilot, or after a
+jump of the landscape) adds 4.
 A fixed ``step=h`` evaluates ``f(w)``, ``f(w ± μu)``: 3 passes (2). On
 every 16th row of the batch, 5 passes are 5/16 of a forward pass of the
 batch in FLOPs. Memory: one forward pass at a time (``jax.lax.map`` over
@@ -50,14 +51,21 @@ bounded by ``4ε_f max|f|/μ²``, and truncation is
 Their sum is least where they are equal, at
 ``μ* = μ (rounding/truncation)^{1/4}``; the state keeps ``μ*‖u‖`` for the
 next update. A measurement off balance by more than 16 (``μ`` off by 2)
-is repeated at once at ``μ*`` (moving by at most 10x, ``max_retries``
-times, under ``jax.lax.while_loop``); with ``tolerance > 0``, only one whose
-estimated relative error also exceeds it. Gill, Murray, Saunders & Wright
+whose estimated relative error also exceeds ``tolerance`` (5%) is
+repeated at once at ``μ*`` (moving by at most 10x, ``max_retries`` times,
+under ``jax.lax.while_loop``); one accurate enough is kept, and only its
+step moves for the next update. Gill, Murray, Saunders & Wright
 choose a finite-difference interval from the errors of a second difference
 in the same way. The first update starts from ``μ‖u‖ = ε_f^{1/4}/64
 max(‖w‖, 1)``; ``μ‖u‖`` stays within ``[10^{-3}, 64] ×`` that. The
-returned ``D(μ)`` comes with its estimated relative error (the state's
-``error``). ``step=h`` fixes ``μ‖u‖ = h max(‖w‖, 1)`` instead.
+state's ``error`` is the estimated relative error of ``D(μ)``. ``step=h``
+fixes ``μ‖u‖ = h max(‖w‖, 1)`` instead, and estimates the rounding alone.
+
+*The upper estimate*. By default (``upper=True``) the curvature returned is
+``|D|`` plus its estimated error, with ``D``'s sign: an upper estimate of
+``|uᵀ∇²f u|``, so that CDAT's ``η`` errs low where a measurement is
+uncertain instead of running away on a difference drowned in rounding.
+``upper=False`` returns ``D``.
 
 *float32 and bfloat16*. ``ε_f`` (``noise``) defaults to the machine epsilon
 of the parameters' lowest-precision float dtype, ``2^{-23}`` for float32
@@ -327,7 +335,8 @@ def finite_difference(
     *,
     noise: float | None = None,
     max_retries: int = 3,
-    tolerance: float = 0.0,
+    tolerance: float = 0.05,
+    upper: bool = True,
     reuse_value: bool = False,
 ) -> CurvatureEstimator:
   """``uᵀ∇²f(w)u`` from loss values only (module doc): no forward mode.
@@ -340,7 +349,7 @@ def finite_difference(
     step: None (default): ``μ`` balances the estimated truncation and
       rounding errors at each update (module doc). ``h ∈ (0, 1]``: a fixed
       perturbation of length ``μ‖u‖ = h max(‖w‖, 1)`` (3 passes instead of
-      5, no error estimate).
+      5; the error estimate is the rounding's alone).
     noise: ``ε_f ∈ (0, 1)``, the relative rounding error of one evaluation
       of the loss. None: the machine epsilon of the parameters' lowest
       precision float dtype. Pass it for a model that computes in a lower
@@ -352,13 +361,14 @@ def finite_difference(
       starts from a pilot step); 0 only carries the balanced step to the
       next update.
     tolerance: ``≥ 0``, the estimated relative error of the curvature above
-      which a measurement off balance is repeated at once; 0 (default)
-      repeats every one off balance. The error estimate reads ReLU kinks as
-      truncation and can be several times too low, so a measurement it
-      passes may still be off. On the bench's ReLU nets tolerance 0
-      re-measured a third of the updates (4 passes each); ``0.05`` kept
-      CDAT's loss in minibatches of 64 at less time per step, but lost in
-      full batch (``bench/RESULTS.md``, "Forward-only curvature").
+      which a measurement off balance is repeated at once; 0 repeats every
+      one off balance, a third of the updates on the bench's ReLU nets (4
+      passes each), for no better loss there (``bench/RESULTS.md``,
+      "Forward-only curvature").
+    upper: return ``|D| + e`` (``e`` the estimated absolute error) with
+      ``D``'s sign (module doc); False: ``D`` itself. In training, the
+      upper estimate lost less to exact CDAT in every regime of the bench
+      (``bench/RESULTS.md``).
     reuse_value: use the caller's ``value=f(w)`` instead of evaluating it
       (one forward pass fewer). Only where ``value`` is exactly
       ``value_fn(params)`` on the same batch: a difference ``δ`` enters the
@@ -408,7 +418,14 @@ def finite_difference(
                            dtype)
       curvature = second_difference(f0, fp, fm) / jnp.square(mu)
       measured_slope = (fp - fm) / (2 * mu)
-      error, tries = jnp.zeros([], dtype), jnp.zeros([], jnp.int32)
+      scale = jnp.max(jnp.abs(jnp.stack([f0, fp, fm])))
+      error = (4 * eps * scale / jnp.square(mu)) / jnp.maximum(
+          jnp.abs(curvature), jnp.finfo(dtype).tiny)
+      tries = jnp.zeros([], jnp.int32)
+    if upper:  # |D| + its estimated error (absolute), D's sign
+      size = jnp.abs(curvature)
+      bound = size + error * jnp.maximum(size, jnp.finfo(dtype).tiny)
+      curvature = jnp.where(curvature < 0, -bound, bound)
     estimate = Estimate(f0, measured_slope if slope is None else slope,
                         curvature)
     return estimate, FiniteDifferenceState(length, error,

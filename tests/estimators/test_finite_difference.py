@@ -72,8 +72,8 @@ def test_quadratic_closed_form(seed):
   w32, u32 = jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32)
   expect = u @ a @ u
   f64 = lambda v: 0.5 * (v - w_star) @ a @ (v - w_star)
-  (value, slope, curv), state = _settled(estimators.finite_difference(), f,
-                                         w32, u32)
+  (value, slope, curv), state = _settled(
+      estimators.finite_difference(upper=False), f, w32, u32)
   assert abs(float(curv) - expect) <= float(state.error) * abs(float(curv))
   # Seed 1's uᵀAu is 2e3 times smaller than f: the bound is large there.
   assert float(state.error) < (5e-3 if seed == 0 else 3.0)
@@ -82,8 +82,8 @@ def test_quadratic_closed_form(seed):
   h = 1e-2
   mu = h * max(np.linalg.norm(w), 1.0) / np.linalg.norm(u)
   bound = 4 * EPS32 * max(abs(f64(w + s * mu * u)) for s in (-1, 0, 1))
-  (_, _, fixed), _ = _update(estimators.finite_difference(step=h), f, w32,
-                             u32)
+  (_, _, fixed), _ = _update(estimators.finite_difference(step=h, upper=False),
+                             f, w32, u32)
   assert abs(float(fixed) - expect) <= bound / mu ** 2
 
 
@@ -274,9 +274,9 @@ def test_forward_passes_counted_at_run_time(kwargs, passes):
 
 def test_tolerance_keeps_accurate_measurements_off_balance():
   # From a step 8x shorter than the balanced one, rounding is ~64x
-  # truncation (off balance, past 16) but still ~1% of the curvature:
-  # tolerance=0.05 keeps that measurement (5 passes) and carries a longer
-  # step on; the default (0) repeats it at once at the balanced step.
+  # truncation (off balance, past 16) but still ~1% of the curvature: the
+  # default tolerance (5%) keeps that measurement (5 passes) and carries a
+  # longer step on; tolerance=0 repeats it at once at the balanced step.
   f = lambda w: jnp.sum(jnp.cosh(w))
   rng = np.random.RandomState(0)
   w = jnp.asarray(rng.randn(8), jnp.float32)
@@ -284,18 +284,57 @@ def test_tolerance_keeps_accurate_measurements_off_balance():
   _, balanced = _settled(estimators.finite_difference(), f, w, u)
   short = fd_module.FiniteDifferenceState(
       balanced.length / 8, jnp.float32(0), jnp.int32(0))
-  (_, _, kept), state = _update(estimators.finite_difference(tolerance=0.05),
+  (_, _, kept), state = _update(estimators.finite_difference(upper=False),
                                 f, w, u, short)
   assert int(state.num_retries) == 0
   assert 1e-3 < float(state.error) < 0.05
   assert float(state.length) > 4 * float(short.length)
   expect = _exact(f, w, u)
   assert abs(float(kept) - expect) <= 2 * float(state.error) * abs(expect)
-  (_, _, repeated), again = _update(estimators.finite_difference(), f, w, u,
-                                    short)
+  (_, _, repeated), again = _update(
+      estimators.finite_difference(upper=False, tolerance=0.0), f, w, u, short)
   assert int(again.num_retries) >= 1
   assert float(again.error) < float(state.error)
   assert abs(float(repeated) - expect) < abs(float(kept) - expect)
+
+
+@pytest.mark.parametrize("step", [None, 1e-3])
+def test_upper_adds_the_estimated_error(step):
+  # upper (the default) returns |D| + e·|D| with D's sign, e the state's
+  # error (the rounding bound alone with a fixed step, which holds on a
+  # quadratic); upper=False the difference D.
+  f, a, _ = random_quadratic(2)
+  rng = np.random.RandomState(2)
+  w = jnp.asarray(rng.randn(5), jnp.float32)
+  u = jnp.asarray(rng.randn(5), jnp.float32)
+  (_, _, d), state = _update(estimators.finite_difference(step, upper=False),
+                             f, w, u)
+  (_, _, up), state_up = _update(estimators.finite_difference(step), f, w, u)
+  error = float(state.error)
+  assert 0 < error < 0.1 and float(state_up.error) == error
+  np.testing.assert_allclose(float(up), float(d) * (1 + error), rtol=1e-6)
+  expect = float(np.asarray(u, np.float64) @ a @ np.asarray(u, np.float64))
+  assert abs(float(d) - expect) <= error * abs(float(d))
+
+
+def test_upper_bounds_a_difference_drowned_in_rounding():
+  # A step of 1e-6‖w‖ in float32: the second difference is rounding noise
+  # of either sign, and CDAT reads its size. The upper estimate's size is
+  # not below the truth for any seed; the raw difference's often is.
+  f = lambda w: jnp.sum(jnp.cosh(w)) + 100.0
+  raw_below = 0
+  for seed in range(8):
+    rng = np.random.RandomState(seed)
+    w = jnp.asarray(rng.randn(16), jnp.float32)
+    u = jnp.asarray(rng.randn(16), jnp.float32) * 1e-2
+    expect = _exact(f, w, u)
+    (_, _, d), state = _update(
+        estimators.finite_difference(step=1e-6, upper=False), f, w, u)
+    (_, _, up), _ = _update(estimators.finite_difference(step=1e-6), f, w, u)
+    assert float(state.error) > 1.0
+    assert abs(float(up)) >= expect
+    raw_below += abs(float(d)) < expect
+  assert raw_below >= 1
 
 
 def test_reused_value_gives_the_same_curvature():
@@ -401,8 +440,11 @@ def test_a_custom_vjp_layer_breaks_exact_but_not_finite_difference():
   _, state = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=custom))(
       g, opt.init(params), params)
   u = jax.tree.map(jnp.negative, g)
+  # The upper estimate: |D| plus its estimated error (under 5%).
+  error = float(optax.tree.get(state, "error"))
+  assert error < 0.05
   np.testing.assert_allclose(optax.tree.get(state, "denominator"),
-                             _exact(plain, params, u), rtol=3e-3)
+                             _exact(plain, params, u), rtol=2 * error + 3e-3)
 
 
 def test_non_finite_losses_skip_the_step_and_never_reach_the_parameters():
