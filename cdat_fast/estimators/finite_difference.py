@@ -363,12 +363,13 @@ def finite_difference(
     tolerance: ``≥ 0``, the estimated relative error of the curvature above
       which a measurement off balance is repeated at once; 0 repeats every
       one off balance, a third of the updates on the bench's ReLU nets (4
-      passes each), for no better loss there (``bench/RESULTS.md``,
-      "Forward-only curvature").
+      passes each), and its loss against exact CDAT's, geometric mean over
+      all runs, was equal or higher in every regime of the bench
+      (``bench/RESULTS.md``, "Forward-only curvature").
     upper: return ``|D| + e`` (``e`` the estimated absolute error) with
       ``D``'s sign (module doc); False: ``D`` itself. In training, the
-      upper estimate lost less to exact CDAT in every regime of the bench
-      (``bench/RESULTS.md``).
+      worst problem's loss against exact CDAT's was lower with it in every
+      regime of the bench (``bench/RESULTS.md``).
     reuse_value: use the caller's ``value=f(w)`` instead of evaluating it
       (one forward pass fewer). Only where ``value`` is exactly
       ``value_fn(params)`` on the same batch: a difference ``δ`` enters the
